@@ -1,0 +1,194 @@
+"""Integer kernels: activation quantization, int8 GEMM and int8 conv, with backend selection.
+
+Backends (chosen once per device / layer shape, logged once, exposed as ``QuantLinear.backend``):
+
+- ``int_mm``  ``torch._int_mm`` (int8 x int8 -> int32). CUDA, or a CPU with AVX512-VNNI / AVX-VNNI /
+              AMX where PyTorch routes it through oneDNN. Elsewhere on CPU it is a scalar loop that is
+              20-40x slower than fp32, so it is never used there.
+- ``onednn``  CPU conv: ``onednn.qconv_prepack`` once, ``onednn.qconv2d_pointwise`` per call (uint8
+              channels-last activations, zero point 128, fused dequantize + bias).
+- ``im2col``  conv as unfold + ``_int_mm`` (CUDA, or a fast-int8 CPU without the oneDNN ops).
+- ``float``   exact emulation: the same int8 codes multiplied in float32. Used where integer math
+              would be slow or unsupported; results equal the integer paths up to float rounding.
+
+Every path quantizes activations with the same rule, so switching backend never changes fidelity.
+Set ``FIDELITYQUANT_BACKEND=float`` to force the emulation path everywhere.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("fidelityquant")
+
+ACT_QMIN, ACT_QMAX = -128, 127
+# Unmeasured policy (no GPU was available when this was written): explicit im2col + _int_mm is
+# expected to lose to cuDNN fp16 on large latents, so CUDA convs above this many output pixels
+# per image use the float path. Re-measure with bench/kernels.py --device cuda.
+CUDA_IM2COL_MAX_PIXELS = 32 * 32
+_CUDA_INT_MM_MIN_ROWS = 17  # _int_mm on CUDA needs a.size(0) > 16
+
+
+@functools.lru_cache(maxsize=None)
+def _forced_backend() -> str | None:
+    value = os.environ.get("FIDELITYQUANT_BACKEND", "").strip().lower()
+    if value not in ("", "float"):
+        raise ValueError(f"FIDELITYQUANT_BACKEND={value!r}: only 'float' can be forced")
+    return value or None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_int8() -> bool:
+    """True when this CPU has int8 dot-product instructions that oneDNN uses for _int_mm."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    fast = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    log.info("FidelityQuant: CPU int8 dot-product instructions %s -> CPU int8 GEMM %s",
+             "found" if fast else "not found", "via torch._int_mm" if fast else "emulated in float32")
+    return fast
+
+
+def onednn_conv_available() -> bool:
+    ops = torch.ops.onednn
+    return hasattr(ops, "qconv_prepack") and hasattr(ops, "qconv2d_pointwise")
+
+
+def linear_backend(device: torch.device, in_features: int, out_features: int) -> str:
+    if _forced_backend():
+        return "float"
+    if device.type == "cuda":
+        # _int_mm's CUDA constraints on K and N are fixed per layer; M is padded per call.
+        return "int_mm" if in_features % 8 == 0 and out_features % 8 == 0 else "float"
+    if device.type == "cpu" and cpu_has_fast_int8():
+        return "int_mm"
+    return "float"
+
+
+def conv_backend(device: torch.device, in_features: int, out_features: int, out_pixels: int) -> str:
+    if _forced_backend():
+        return "float"
+    if device.type == "cpu":
+        if cpu_has_fast_int8():
+            return "onednn" if onednn_conv_available() else "im2col"
+        return "float"
+    if device.type == "cuda":
+        if in_features % 8 or out_features % 8 or out_pixels > CUDA_IM2COL_MAX_PIXELS:
+            return "float"
+        return "im2col"
+    return "float"
+
+
+_logged: set = set()
+
+
+def log_backend_once(kind: str, device: torch.device, backend: str) -> None:
+    key = (kind, device.type, backend)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("FidelityQuant: %s layers on %s use the %s path", kind, device.type, backend)
+
+
+# ----------------------------------------------------------------------------- activations
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes round(x / scale) clamped to [-128, 127]; ``scale`` is a 0-d float32 tensor.
+
+    Works in float32 whatever the input dtype (bf16 has too few mantissa bits to round x / s).
+    In-place ops after the first keep it to one allocation.
+    """
+    xf = x.to(torch.float32) if x.dtype != torch.float32 else x
+    return torch.mul(xf, scale.reciprocal()).round_().clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8)
+
+
+def quantize_dynamic_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) symmetric int8; returns (codes, float32 scales of shape (M, 1))."""
+    xf = x2d.to(torch.float32)
+    scale = xf.abs().amax(dim=1, keepdim=True).clamp_min_(1e-8).div_(ACT_QMAX)
+    return xf.div(scale).round_().clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8), scale
+
+
+def quantize_dynamic_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor symmetric int8 with a scale measured on this input (for uncalibrated convs)."""
+    scale = x.detach().abs().amax().to(torch.float32).clamp_min(1e-8) / ACT_QMAX
+    return quantize_static(x, scale), scale
+
+
+# ----------------------------------------------------------------------------- GEMM
+
+def int8_matmul(qx: torch.Tensor, w8: torch.Tensor, backend: str) -> torch.Tensor:
+    """(M, K) int8 @ (N, K)^T int8 -> (M, N) accumulators (int32, or float32 on the float path)."""
+    if backend == "float":
+        return qx.to(torch.float32) @ w8.to(torch.float32).t()
+    rows = qx.shape[0]
+    if qx.device.type == "cuda" and rows < _CUDA_INT_MM_MIN_ROWS:
+        padded = F.pad(qx, (0, 0, 0, _CUDA_INT_MM_MIN_ROWS - rows))
+        return torch._int_mm(padded, w8.t())[:rows]
+    return torch._int_mm(qx, w8.t())
+
+
+def rescale(acc: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
+            row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 output = acc * row_scale * col_scale + bias, in as few passes as possible."""
+    if row_scale is not None:
+        out = acc.to(torch.float32).mul_(row_scale)
+        return out.mul_(col_scale).add_(bias) if bias is not None else out.mul_(col_scale)
+    if bias is None:
+        return torch.mul(acc, col_scale)
+    return torch.addcmul(bias, acc, col_scale)  # one pass: int32 in, float32 out
+
+
+# ----------------------------------------------------------------------------- conv
+
+def onednn_prepack(w8: torch.Tensor, w_scale: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """Prepack an int8 (N, C, kh, kw) weight for qconv2d_pointwise.
+
+    The activation scale is passed per call, so one packed weight serves every timestep group
+    (checked in tests: packing with x_scale=1 and calling with the real scale is exact).
+    """
+    return torch.ops.onednn.qconv_prepack(
+        w8.contiguous(), w_scale.to(torch.float32), 1.0, 0, list(stride), list(padding),
+        list(dilation), 1, None)
+
+
+def conv_onednn(x: torch.Tensor, scale: float, packed: torch.Tensor, w_scale: torch.Tensor,
+                w_zero: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation) -> torch.Tensor:
+    """int8 conv on CPU through oneDNN; returns float32 in channels-last layout."""
+    xf = x.to(torch.float32) if x.dtype != torch.float32 else x
+    # uint8 with zero point 128 is the same grid as int8 [-128, 127].
+    qx = torch.mul(xf, 1.0 / scale).round_().add_(128).clamp_(0, 255).to(torch.uint8)
+    qx = qx.contiguous(memory_format=torch.channels_last)
+    return torch.ops.onednn.qconv2d_pointwise(
+        qx, scale, 128, packed, w_scale, w_zero, bias, list(stride), list(padding), list(dilation),
+        1, 1.0, 0, torch.float32, "none", [], "")
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_im2col(qx: torch.Tensor, w8_2d: torch.Tensor, kernel_size, stride, padding, dilation,
+                backend: str) -> torch.Tensor:
+    """int8 conv as im2col + GEMM. ``qx`` int8 (B, C, H, W); ``w8_2d`` int8 (N, C*kh*kw).
+
+    Returns accumulators shaped (B*Ho*Wo, N) plus nothing else; the caller rescales and reshapes.
+    """
+    batch, channels, height, width = qx.shape
+    if tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        cols = qx.permute(0, 2, 3, 1).reshape(-1, channels)
+    else:
+        # unfold has no int8 kernel; int8 values are exact in fp16 / fp32.
+        unfold_dtype = torch.float16 if qx.device.type == "cuda" else torch.float32
+        cols = F.unfold(qx.to(unfold_dtype), kernel_size, dilation=dilation, padding=padding, stride=stride)
+        cols = cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(torch.int8)
+    return int8_matmul(cols.contiguous(), w8_2d, backend)
