@@ -8,8 +8,8 @@ Storage (all registered buffers, so ``state_dict()`` shows the real bytes):
     act_scale           float32 (G,): static activation scale per timestep group; empty = dynamic
     bias                float32 (N,) or absent
 
-The current timestep group comes from an :class:`ActivationGroups` object that all layers of one
-model share; the model-level wrapper sets ``index`` once per UNet call.
+The current timestep group comes from a :class:`StepContext` that all layers of one model share;
+the model-level wrapper sets it once per UNet call.
 """
 from __future__ import annotations
 
@@ -22,11 +22,16 @@ import torch.nn.functional as F
 from . import formats, kernels
 
 
-class ActivationGroups:
-    """Which timestep group's activation scales are live; one instance shared per model."""
+class StepContext:
+    """Per-model state for the current UNet call, set once per call by the model-level wrapper.
+
+    ``group``: which timestep group's activation scales are live.
+    ``timesteps``: the call's timesteps (model-time t, shape (B,)), for time-table lookups.
+    """
 
     def __init__(self) -> None:
-        self.index = 0
+        self.group = 0
+        self.timesteps = None
 
 
 class _QuantLayer(nn.Module):
@@ -56,7 +61,7 @@ class _QuantLayer(nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32, device=device))
         else:
             self.bias = None
-        self.groups = ActivationGroups()
+        self.context = StepContext()
         self.keep_unpacked = False  # W4: keep the exact int8 copy after first use (speed over memory)
         self._derived: dict = {}
         self._backend: dict = {}
@@ -122,7 +127,7 @@ class _QuantLayer(nn.Module):
         return self.act_scale.numel() == 0
 
     def current_act_scale(self) -> torch.Tensor:
-        return self.act_scale[self.groups.index].to(torch.float32)
+        return self.act_scale[self.context.group].to(torch.float32)
 
     def set_act_scales(self, scales) -> None:
         scales = torch.as_tensor(scales, dtype=torch.float32).reshape(-1)

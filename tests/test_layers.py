@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load, save
 
-from quant_core import ActivationGroups, QuantConv2d, QuantLinear, kernels
+from quant_core import QuantConv2d, QuantLinear, StepContext, kernels
 
 from reference import (fake_quant_act, fake_quant_act_per_row, fake_quant_w4, fake_quant_w8, rel_err)
 
@@ -103,10 +103,10 @@ def test_timestep_group_selects_activation_scale():
     x = torch.randn(10, 64, generator=torch.Generator().manual_seed(2))
     scales = [0.002, 0.01, 0.05]
     layer = QuantLinear.from_float(float_layer, act_scales=scales)
-    shared = ActivationGroups()
-    layer.groups = shared
+    shared = StepContext()
+    layer.context = shared
     for index, scale in enumerate(scales):
-        shared.index = index
+        shared.group = index
         expected = F.linear(fake_quant_act(x, scale), fake_quant_w8(float_layer.weight), float_layer.bias.to(F64))
         assert rel_err(layer(x), expected) < OUT_TOL[torch.float32]
 
@@ -169,7 +169,7 @@ def test_quant_conv_dynamic_and_groups(backend):
     grouped = QuantConv2d.from_float(conv, act_scales=scales)
     grouped.use_backend(backend)
     for index, scale in enumerate(scales):
-        grouped.groups.index = index
+        grouped.context.group = index
         expected = F.conv2d(fake_quant_act(x, scale), fake_quant_w8(conv.weight), conv.bias.to(F64), 1, 1)
         assert rel_err(grouped(x), expected) < OUT_TOL[torch.float32]
 
@@ -189,7 +189,7 @@ def test_state_dict_round_trip_gives_identical_outputs(bits):
     conv2.load_state_dict(conv_state)
     x, xc = torch.randn(7, 96), torch.randn(2, 24, 9, 9)
     for index in (0, 1):
-        qlin.groups.index = lin2.groups.index = index
+        qlin.context.group = lin2.context.group = index
         assert torch.equal(qlin(x), lin2(x))
     assert torch.equal(qconv(xc), conv2(xc))
 
