@@ -33,16 +33,19 @@ def _clip_vector(clip, rows: int, device) -> torch.Tensor:
     return clip.expand(rows, 1)
 
 
-def quantize_int8_per_channel(weight: torch.Tensor, clip=None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8_per_channel(weight: torch.Tensor, clip=None, per_tensor: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8, one scale per row of a (N, K) weight.
 
     ``clip`` (scalar or one value per row) shrinks the range: values beyond ``clip * amax`` saturate.
+    ``per_tensor`` gives every row the whole tensor's range (the naive baseline's granularity).
     Returns (int8 codes (N, K), float32 scales (N,)).
     """
     w = weight.detach().float()
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
-    amax = w.abs().amax(dim=1, keepdim=True) * _clip_vector(clip, w.shape[0], w.device)
+    amax = w.abs().amax().expand(w.shape[0], 1) if per_tensor else w.abs().amax(dim=1, keepdim=True)
+    amax = amax * _clip_vector(clip, w.shape[0], w.device)
     scale = (amax / INT8_QMAX).clamp_min(_EPS)
     codes = torch.round(w / scale).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
     return codes, scale.squeeze(1)
@@ -85,11 +88,12 @@ def padded_width(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size) * group_size
 
 
-def quantize_int4_grouped(weight: torch.Tensor, group_size: int = 64, clip=None) -> Int4Weight:
+def quantize_int4_grouped(weight: torch.Tensor, group_size: int = 64, clip=None,
+                          per_tensor: bool = False) -> Int4Weight:
     """Quantize a (N, K) weight to grouped int4 with a float channel scale and integer group scales.
 
     K is zero-padded to a multiple of ``group_size``; padding quantizes to code 0 and is cut off again
-    when unpacking.
+    when unpacking. ``per_tensor`` uses one step for the whole tensor (the naive baseline).
     """
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
@@ -104,7 +108,10 @@ def quantize_int4_grouped(weight: torch.Tensor, group_size: int = 64, clip=None)
 
     # Ideal float scale per group, then factor it as channel_scale * integer group_scale.
     clip_col = _clip_vector(clip, rows, w.device)
-    group_amax = groups.abs().amax(dim=2) * clip_col
+    group_amax = groups.abs().amax(dim=2)
+    if per_tensor:
+        group_amax = group_amax.amax().expand_as(group_amax)
+    group_amax = group_amax * clip_col
     ideal = group_amax / INT4_QMAX
     channel_scale = (ideal.amax(dim=1, keepdim=True) / GROUP_SCALE_MAX).clamp_min(_EPS)
     # ceil, not round: a rounded-down group scale would saturate that group's largest weights.

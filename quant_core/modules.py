@@ -77,14 +77,14 @@ class _QuantLayer(nn.Module):
 
     # ---------------------------------------------------------------- weights
 
-    def set_float_weight(self, weight: torch.Tensor, clip=None) -> None:
+    def set_float_weight(self, weight: torch.Tensor, clip=None, per_tensor: bool = False) -> None:
         """Quantize a float weight (the layer's natural shape) into this layer's buffers."""
         w2d = weight.detach().reshape(weight.shape[0], -1)
         if self.weight_bits == 8:
-            codes, scale = formats.quantize_int8_per_channel(w2d, clip)
+            codes, scale = formats.quantize_int8_per_channel(w2d, clip, per_tensor)
             self.weight.copy_(codes.view(self.weight.shape))
         else:
-            packed = formats.quantize_int4_grouped(w2d, self.group_size, clip)
+            packed = formats.quantize_int4_grouped(w2d, self.group_size, clip, per_tensor)
             self.weight.copy_(packed.packed)
             self.weight_group_scale.copy_(packed.group_scale)
             scale = packed.channel_scale
@@ -177,14 +177,14 @@ class QuantLinear(_QuantLayer):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_bits: int = 8, group_size: int = 64, act_scales=None,
-                   weight_clip=None) -> "QuantLinear":
+                   weight_clip=None, per_tensor: bool = False) -> "QuantLinear":
         """Build from an ``nn.Linear`` (or subclass). ``act_scales=None`` means dynamic per-token."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear.from_float needs an nn.Linear, got {type(linear).__name__}")
         n_groups = 0 if act_scales is None else torch.as_tensor(act_scales).numel()
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_bits,
                     group_size, n_groups, device=linear.weight.device)
-        layer.set_float_weight(linear.weight, weight_clip)
+        layer.set_float_weight(linear.weight, weight_clip, per_tensor)
         if act_scales is not None:
             layer.set_act_scales(act_scales)
         if linear.bias is not None:
@@ -221,6 +221,12 @@ class QuantLinear(_QuantLayer):
             out = kernels.rescale(kernels.int8_matmul(qx, w8, backend), w_scale * scale, bias)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def spec(self) -> dict:
+        """Everything needed to rebuild an empty layer that ``load_state_dict`` can fill."""
+        return {"kind": "linear", "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "weight_bits": self.weight_bits,
+                "group_size": self.group_size or 64, "act_groups": self.act_scale.numel()}
+
     def extra_repr(self) -> str:
         mode = "dynamic" if self.is_dynamic else f"static x{self.act_scale.numel()} groups"
         fmt = "W8" if self.weight_bits == 8 else f"W4 g{self.group_size}"
@@ -249,7 +255,7 @@ class QuantConv2d(_QuantLayer):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_bits: int = 8, group_size: int = 64, act_scales=None,
-                   weight_clip=None) -> "QuantConv2d":
+                   weight_clip=None, per_tensor: bool = False) -> "QuantConv2d":
         """Build from an ``nn.Conv2d`` (or subclass). ``act_scales=None`` means dynamic per-tensor."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"QuantConv2d.from_float needs an nn.Conv2d, got {type(conv).__name__}")
@@ -262,7 +268,7 @@ class QuantConv2d(_QuantLayer):
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.bias is not None, weight_bits, group_size, n_groups,
                     device=conv.weight.device)
-        layer.set_float_weight(conv.weight, weight_clip)
+        layer.set_float_weight(conv.weight, weight_clip, per_tensor)
         if act_scales is not None:
             layer.set_act_scales(act_scales)
         if conv.bias is not None:
@@ -325,8 +331,26 @@ class QuantConv2d(_QuantLayer):
                 out = out.add_(bias.view(1, -1, 1, 1))
         return out.to(x.dtype)
 
+    def spec(self) -> dict:
+        return {"kind": "conv", "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation),
+                "bias": self.bias is not None, "weight_bits": self.weight_bits,
+                "group_size": self.group_size or 64, "act_groups": self.act_scale.numel()}
+
     def extra_repr(self) -> str:
         mode = "dynamic" if self.is_dynamic else f"static x{self.act_scale.numel()} groups"
         fmt = "W8" if self.weight_bits == 8 else f"W4 g{self.group_size}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, {fmt}A8, act={mode}")
+
+
+def layer_from_spec(spec: dict, device=None) -> _QuantLayer:
+    """Empty layer of the right shape for ``load_state_dict`` (artifact loading)."""
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    if kind == "linear":
+        return QuantLinear(device=device, **spec)
+    if kind == "conv":
+        return QuantConv2d(device=device, **spec)
+    raise ValueError(f"unknown layer kind {kind!r}")

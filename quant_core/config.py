@@ -1,0 +1,63 @@
+"""Quantization config: presets plus a switch for every technique, so benchmarks can ablate them."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class QuantConfig:
+    weight_bits: int = 8              # 8 (W8A8) or 4 (W4A8, grouped int4)
+    group_size: int = 64              # int4 group size along K: 32, 64 or 128
+    timestep_groups: int = 4          # G activation-scale groups over t; 1 = one scale for all steps
+    consistency_pass: bool = True     # refit activation scales on the quantized model's own trajectory
+    time_precalc: bool = True         # time MLP + ResBlock time projections: float tables, never quantized
+    mixed_precision: bool = False     # promote sensitive layers to W8 / float within bits_budget
+    bits_budget: float = 4.5          # average weight bits over quantizable layers (mixed precision)
+    weight_clip_search: bool = True   # per-output-channel weight clipping chosen by output error
+    act_clip_search: bool = True      # activation clipping per timestep group chosen by output error
+    weight_per_tensor: bool = False   # naive baseline: one weight range per tensor
+    memory_limit_mb: int = 256        # capture reservoir budget
+    fit_rows: int = 2048              # rows per layer and group used when fitting (subsampled, seeded)
+    workers: int = 2                  # threads for parallel per-layer fitting
+    evaluate: bool = True             # measure UNet-output error vs float per step after fitting
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in (4, 8):
+            raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
+        if self.group_size not in (32, 64, 128):
+            raise ValueError(f"group_size must be 32, 64 or 128, got {self.group_size}")
+        if self.timestep_groups < 1:
+            raise ValueError("timestep_groups must be at least 1")
+        if self.mixed_precision and not (self.weight_bits < self.bits_budget <= 16):
+            raise ValueError(f"bits_budget {self.bits_budget} must lie in ({self.weight_bits}, 16]")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+_NAIVE = dict(timestep_groups=1, consistency_pass=False, time_precalc=False, weight_clip_search=False,
+              act_clip_search=False, weight_per_tensor=True)
+PRESETS = {
+    "W8A8": dict(weight_bits=8),
+    "W4A8": dict(weight_bits=4),
+    "W4A8-mixed": dict(weight_bits=4, mixed_precision=True, bits_budget=4.5),
+    # Baselines for benchmarks (configs, not separate code):
+    "naive-W8A8": dict(weight_bits=8, **_NAIVE),
+    "naive-W4A8": dict(weight_bits=4, **_NAIVE),
+    # Q-Diffusion style: FP-trajectory calibration over all steps, per-channel weights with clipping
+    # search, one activation scale for all timesteps, no consistency pass, no precalc.
+    "qdiff-W4A8": dict(weight_bits=4, timestep_groups=1, consistency_pass=False, time_precalc=False),
+}
+
+
+def preset(name: str, **overrides) -> QuantConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return QuantConfig(**{**PRESETS[name], **overrides})
