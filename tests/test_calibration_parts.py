@@ -226,3 +226,20 @@ def test_presets_and_config_validation():
     with pytest.raises(ValueError, match="weight_bits"):
         QuantConfig(weight_bits=6)
     assert QuantConfig.from_dict(QuantConfig(timestep_groups=3).to_dict()).timestep_groups == 3
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_psnr_ssim_known_values():
+    from quant_core import metrics
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 32, 32, generator=gen)
+    assert torch.isinf(metrics.psnr(a, a)).all() and torch.allclose(metrics.ssim(a, a), torch.ones(2, dtype=torch.float64))
+    b = (a + 0.1).clamp(0, 1)
+    expected = 10 * torch.log10(1 / ((a - b) ** 2).flatten(1).mean(1).double())
+    assert torch.allclose(metrics.psnr(a, b), expected)
+    noisy = (a + 0.2 * torch.randn(a.shape, generator=gen)).clamp(0, 1)
+    s_noisy, s_shift = metrics.ssim(a, noisy), metrics.ssim(a, b)
+    assert bool((s_noisy < 0.9).all()) and bool((s_noisy < s_shift).all())  # structure loss < brightness shift
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.psnr(a, a[:, :, :16])
