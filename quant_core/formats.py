@@ -51,30 +51,39 @@ def quantize_int8_per_channel(weight: torch.Tensor, clip=None, per_tensor: bool 
     return codes, scale.squeeze(1)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Pack signed 4-bit codes (int8 tensor with values in [-8, 7], even last dim) two per byte.
+def pack_int4(codes: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """Pack signed 4-bit codes (int8 values in [-8, 7]) two per byte.
 
-    Element 2i goes to the low nibble and element 2i+1 to the high nibble of byte i.
+    Within each block of ``block`` columns (default: the whole last dim; the int4 weight uses its
+    group size), byte j holds element j in the low nibble and element j + block/2 in the high nibble.
+    This "halves" layout unpacks with one concatenation instead of a stride-2 interleave, which
+    measured about 2x faster (bench/RESULTS.md).
     """
-    if codes.shape[-1] % 2:
-        raise ValueError("int4 packing needs an even number of columns")
-    nibbles = codes.to(torch.uint8) & 0x0F
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    width = codes.shape[-1]
+    block = block or width
+    if block % 2 or width % block:
+        raise ValueError(f"int4 packing needs an even block size dividing the width, got {block} for {width}")
+    nibbles = (codes.to(torch.uint8) & 0x0F).reshape(*codes.shape[:-1], width // block, block)
+    half = block // 2
+    packed = nibbles[..., :half] | (nibbles[..., half:] << 4)
+    return packed.reshape(*codes.shape[:-1], width // 2)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+def unpack_int4(packed: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: uint8 (..., K/2) -> int8 codes (..., K) in [-8, 7]."""
-    signed = packed.view(torch.int8)
+    width = packed.shape[-1] * 2
+    block = block or width
+    signed = packed.view(torch.int8).reshape(*packed.shape[:-1], width // block, block // 2)
     low = (signed << 4) >> 4  # arithmetic shift sign-extends the low nibble
     high = signed >> 4
-    return torch.stack((low, high), dim=-1).flatten(-2)
+    return torch.cat((low, high), dim=-1).reshape(*packed.shape[:-1], width)
 
 
 @dataclass
 class Int4Weight:
     """Grouped int4 weight with two-level scales; see module docstring."""
 
-    packed: torch.Tensor         # uint8 (N, K_padded / 2)
+    packed: torch.Tensor         # uint8 (N, K_padded / 2), "halves" layout per group (see pack_int4)
     group_scale: torch.Tensor    # uint8 (N, K_padded / group_size), integers in [1, 16]
     channel_scale: torch.Tensor  # float32 (N,)
     in_features: int             # K before padding to a multiple of group_size
@@ -120,7 +129,7 @@ def quantize_int4_grouped(weight: torch.Tensor, group_size: int = 64, clip=None,
     step = (channel_scale * group_scale).unsqueeze(2)
     codes = torch.round(groups / step).clamp_(INT4_QMIN, INT4_QMAX).to(torch.int8)
     return Int4Weight(
-        packed=pack_int4(codes.view(rows, k_pad)),
+        packed=pack_int4(codes.view(rows, k_pad), group_size),
         group_scale=group_scale.to(torch.uint8),
         channel_scale=channel_scale.squeeze(1),
         in_features=in_features,
@@ -130,9 +139,9 @@ def quantize_int4_grouped(weight: torch.Tensor, group_size: int = 64, clip=None,
 
 def int4_to_int8(packed: torch.Tensor, group_scale: torch.Tensor, in_features: int) -> torch.Tensor:
     """Exact int8 weight (N, K) from packed int4 codes and integer group scales."""
-    codes = unpack_int4(packed)
-    rows, k_pad = codes.shape
-    n_groups = group_scale.shape[1]
+    rows, n_groups = group_scale.shape
+    k_pad = packed.shape[1] * 2
+    codes = unpack_int4(packed, k_pad // n_groups)
     w8 = codes.view(rows, n_groups, k_pad // n_groups) * group_scale.view(torch.int8).unsqueeze(2)
     w8 = w8.view(rows, k_pad)
     return w8 if k_pad == in_features else w8[:, :in_features].contiguous()

@@ -252,6 +252,7 @@ class QuantConv2d(_QuantLayer):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = kernel_size, _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self._last_backend: str | None = None
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_bits: int = 8, group_size: int = 64, act_scales=None,
@@ -292,7 +293,8 @@ class QuantConv2d(_QuantLayer):
 
     @property
     def backend(self) -> str:
-        return self.backend_for(self.weight.device)
+        """The path of the last call (on CUDA it depends on the resolution), else the default choice."""
+        return self._last_backend or self.backend_for(self.weight.device)
 
     def _int8_weight_4d(self) -> torch.Tensor:
         return self.int8_weight_2d().view(self.weight_shape)
@@ -302,7 +304,7 @@ class QuantConv2d(_QuantLayer):
             return self._forward_on_other_device(x)
         batch, _, height, width = x.shape
         out_h, out_w = self.out_hw(height, width)
-        backend = self.backend_for(x.device, out_h * out_w)
+        backend = self._last_backend = self.backend_for(x.device, out_h * out_w)
         w_scale, bias = self._float_tensors(x.device)
         if self.is_dynamic:
             scale = x.detach().abs().amax().to(torch.float32).clamp_min(1e-8) / kernels.ACT_QMAX

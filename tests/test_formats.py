@@ -7,24 +7,26 @@ from quant_core import formats
 from reference import fake_quant_w4, fake_quant_w8
 
 
-def test_int4_pack_unpack_is_exact_for_every_code():
+@pytest.mark.parametrize("block", [None, 32, 64])
+def test_int4_pack_unpack_is_exact_for_every_code(block):
     gen = torch.Generator().manual_seed(0)
-    codes = torch.randint(-8, 8, (37, 130), generator=gen, dtype=torch.int8)
+    codes = torch.randint(-8, 8, (37, 128), generator=gen, dtype=torch.int8)
     codes[0, :16] = torch.arange(-8, 8, dtype=torch.int8)  # every value at least once
-    packed = formats.pack_int4(codes)
-    assert packed.dtype == torch.uint8 and packed.shape == (37, 65)
-    assert torch.equal(formats.unpack_int4(packed), codes)
+    packed = formats.pack_int4(codes, block)
+    assert packed.dtype == torch.uint8 and packed.shape == (37, 64)
+    assert torch.equal(formats.unpack_int4(packed, block), codes)
 
 
-def test_int4_pack_layout_low_nibble_first():
-    codes = torch.tensor([[1, -2, 7, -8]], dtype=torch.int8)
-    packed = formats.pack_int4(codes)
-    assert packed.tolist() == [[0xE1, 0x87]]  # (-2 & 0xF) << 4 | 1, (-8 & 0xF) << 4 | 7
+def test_int4_pack_layout_halves_per_block():
+    codes = torch.tensor([[1, 7, -2, -8, 3, 0, -1, 5]], dtype=torch.int8)
+    # block 4: byte j holds element j (low nibble) and element j + 2 (high nibble) of its block.
+    packed = formats.pack_int4(codes, 4)
+    assert packed.tolist() == [[0xE1, 0x87, 0xF3, 0x50]]
 
 
-def test_int4_pack_rejects_odd_width():
-    with pytest.raises(ValueError, match="even"):
-        formats.pack_int4(torch.zeros(2, 3, dtype=torch.int8))
+def test_int4_pack_rejects_bad_block():
+    with pytest.raises(ValueError, match="even block"):
+        formats.pack_int4(torch.zeros(2, 6, dtype=torch.int8), 4)
 
 
 def test_int8_per_channel_matches_reference_and_bounds():
@@ -61,7 +63,7 @@ def test_int4_two_level_is_exact_int8_and_matches_reference(group_size, in_featu
     w8 = q.to_int8()
     assert w8.dtype == torch.int8 and w8.shape == (48, in_features)
     # Two-level scales reproduce int8 values exactly: w8 == q4 * group_scale.
-    codes = formats.unpack_int4(q.packed).view(48, -1, group_size).to(torch.int32)
+    codes = formats.unpack_int4(q.packed, group_size).view(48, -1, group_size).to(torch.int32)
     exact = (codes * q.group_scale.to(torch.int32).unsqueeze(2)).view(48, -1)[:, :in_features]
     assert torch.equal(w8.to(torch.int32), exact)
     deq = w8.double() * q.channel_scale.double().unsqueeze(1)
