@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .timetables import TimeOutputRecorder
+
 ProgressFn = Callable[[int, int], None]  # (unet calls done, total) ; may raise to cancel
 MIN_ROWS_PER_STEP, MAX_ROWS_PER_STEP = 8, 512
 
@@ -73,6 +75,8 @@ class CaptureResult:
     timesteps: list              # sorted unique timestep keys, descending (sampling order)
     unet_calls: int
     bytes: int
+    time_keys: torch.Tensor | None = None  # ascending timesteps of the time tables
+    time_tables: dict = field(default_factory=dict)  # time-path module name -> (T, D) float32 outputs
 
 
 def _conv_geometry(module: nn.Module):
@@ -108,6 +112,7 @@ class Recorder:
             for name, m in layers.items()
         }
         self.current_key: float | None = None
+        self.current_keys: torch.Tensor | None = None  # (B,) rounded timesteps of the current call
         self.calls = 0
         self.handles: list = []
 
@@ -123,8 +128,9 @@ class Recorder:
         self.handles.clear()
 
     def _on_unet_call(self, module, args, kwargs):
-        t = self.timesteps_from_call(args, kwargs)
-        self.current_key = timestep_key(t.reshape(-1)[0])
+        t = self.timesteps_from_call(args, kwargs).reshape(-1).float().cpu()
+        self.current_keys = torch.round(t * 1000) / 1000
+        self.current_key = timestep_key(t[0])
         self.calls += 1
         if self.progress is not None:
             self.progress(self.calls, self.total_calls)
@@ -195,13 +201,19 @@ def rows_per_step_budget(layers: dict, steps: int, memory_limit_bytes: int) -> d
 
 def capture(unet: nn.Module, layers: dict, runner, timesteps_from_call, steps_hint: int,
             memory_limit_bytes: int, progress: ProgressFn | None = None, total_calls: int = 0,
-            seed: int = 0) -> CaptureResult:
-    """Run ``runner(unet)`` once with capture hooks on ``layers`` (name -> module inside ``unet``)."""
+            seed: int = 0, time_modules: dict | None = None) -> CaptureResult:
+    """Run ``runner(unet)`` once with capture hooks on ``layers`` (name -> module inside ``unet``).
+
+    ``time_modules`` (name -> module) also get their float outputs recorded per timestep.
+    """
     rows = rows_per_step_budget(layers, steps_hint, memory_limit_bytes)
-    with torch.no_grad(), Recorder(unet, layers, timesteps_from_call, rows, total_calls, progress, seed) as rec:
+    with torch.no_grad(), Recorder(unet, layers, timesteps_from_call, rows, total_calls, progress, seed) as rec, \
+            TimeOutputRecorder(time_modules or {}, lambda: rec.current_keys) as time_rec:
         runner(unet)
     keys = sorted({k for cap in rec.captures.values() for k in cap.steps}, reverse=True)
     if not keys:
         raise RuntimeError("calibration captured nothing: the runner never called the UNet "
                            "(check that it samples with the model it is given)")
-    return CaptureResult(rec.captures, keys, rec.calls, sum(c.nbytes() for c in rec.captures.values()))
+    time_keys, time_tables = time_rec.tables()
+    return CaptureResult(rec.captures, keys, rec.calls, sum(c.nbytes() for c in rec.captures.values()),
+                         time_keys, time_tables)

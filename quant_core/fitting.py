@@ -81,7 +81,7 @@ class LayerFit:
     weight_bits: int
     clip: torch.Tensor        # (N,) per-output-channel clip ratio
     act_scales: torch.Tensor  # (G,) one per timestep group
-    error: float              # relative output error over all captured rows (weights + activations)
+    error: float              # relative L2 output error over captured rows (weights + activations)
 
 
 def fit_layer(weight: torch.Tensor, capture, group_keys: list, bits: int, cfg, seed: int) -> LayerFit:
@@ -94,7 +94,7 @@ def fit_layer(weight: torch.Tensor, capture, group_keys: list, bits: int, cfg, s
         clip = torch.ones(w2d.shape[0])
     w_quant = fake_quant_weight(w2d, bits, cfg.group_size, clip, cfg.weight_per_tensor)
     act_scales, err_num, err_den = fit_act_scales(capture, group_keys, w2d, w_quant, cfg, seed)
-    return LayerFit(bits, clip, act_scales, err_num / err_den if err_den else float("nan"))
+    return LayerFit(bits, clip, act_scales, (err_num / err_den) ** 0.5 if err_den else float("nan"))
 
 
 def fit_act_scales(capture, group_keys: list, w2d: torch.Tensor, w_quant: torch.Tensor, cfg, seed: int):
@@ -137,7 +137,7 @@ def refit_act_scales(weights: dict, quant_layers: dict, captures: dict, group_ke
         w_quant = quant_layers[name].dequantize_weight().reshape(w2d.shape).float()
         scales, num, den = fit_act_scales(captures[name], group_keys, w2d, w_quant, cfg,
                                           cfg.seed + _stable_hash(name) + 7919)
-        return name, (scales, num / den if den else float("nan"))
+        return name, (scales, (num / den) ** 0.5 if den else float("nan"))
 
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         return dict(pool.map(job, sorted(weights)))

@@ -26,12 +26,15 @@ class StepContext:
     """Per-model state for the current UNet call, set once per call by the model-level wrapper.
 
     ``group``: which timestep group's activation scales are live.
-    ``timesteps``: the call's timesteps (model-time t, shape (B,)), for time-table lookups.
+    ``timesteps``: the call's timesteps (model-time t, shape (B,)).
+    ``time_rows``: row of each timestep in the precalculated time tables, or None when any
+    timestep of the call was not seen in calibration (then the time path is computed in float).
     """
 
     def __init__(self) -> None:
         self.group = 0
         self.timesteps = None
+        self.time_rows = None
 
 
 class _QuantLayer(nn.Module):
