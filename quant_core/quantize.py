@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import capture as capture_mod
 from .config import QuantConfig, preset
-from .families import detect_adapter
+from .adapters import detect_adapter
 from .fitting import fit_all, refit_act_scales
 from .modeltree import fingerprint
 from .modules import QuantConv2d, QuantLinear
@@ -47,6 +47,14 @@ class _PhasedProgress:
         return report
 
 
+def time_path_linears(unet: nn.Module, adapter) -> dict:
+    """Linears on the time path: quantized like any layer only when time precalculation is off."""
+    roots = [adapter.time_embedding_name(unet)] + adapter.time_projection_names(unet)
+    return {name: module for name, module in unet.named_modules()
+            if isinstance(module, nn.Linear) and min(module.in_features, module.out_features) >= 16
+            and any(name == r or name.startswith(r + ".") for r in roots)}
+
+
 def _build_layer(module: nn.Module, fit, cfg: QuantConfig):
     cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
     return cls.from_float(module, weight_bits=fit.weight_bits, group_size=cfg.group_size,
@@ -60,7 +68,7 @@ def quantize(unet: nn.Module, runner, config: QuantConfig | str | None = None, p
     base_layers = adapter.quantizable_layers(unet)
     layers = dict(base_layers)
     if not cfg.time_precalc:
-        layers.update(adapter.time_path_linears(unet))
+        layers.update(time_path_linears(unet, adapter))
     steps_hint = int(getattr(runner, "steps", 50))
     calls = int(getattr(runner, "total_unet_calls", 0))
     runs = 1 + int(cfg.consistency_pass) + int(cfg.evaluate)
@@ -71,7 +79,8 @@ def quantize(unet: nn.Module, runner, config: QuantConfig | str | None = None, p
     start = time.perf_counter()
     cap = capture_mod.capture(unet, layers, runner, adapter.timesteps_from_call, steps_hint,
                               cfg.memory_limit_mb * 2**20, phases.phase(), calls, cfg.seed,
-                              time_modules=adapter.time_modules(unet) if cfg.time_precalc else None)
+                              time_modules=({n: unet.get_submodule(n) for n in adapter.time_module_names(unet)}
+                                            if cfg.time_precalc else None))
     timings["capture_s"] = time.perf_counter() - start
 
     # 2. timestep groups

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .config import QuantConfig
-from .families import detect_adapter
+from .adapters import detect_adapter
 from .modeltree import clone_module_tree, fingerprint, fingerprints_match, set_submodule
 from .modules import StepContext
 from .timegroups import group_of, group_thresholds

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from quant_core import artifact
 from quant_core.config import preset
-from quant_core.families import UnsupportedModelError, detect_adapter
+from quant_core.adapters import UnsupportedModelError, detect_adapter
 from quant_core.modeltree import weights_digest
 from quant_core.modules import QuantConv2d, QuantLinear
 from quant_core.quantize import quantize
@@ -73,7 +73,7 @@ def test_unsupported_model_is_a_clear_error():
             self.double_blocks = nn.ModuleList([nn.Linear(8, 8)])
             self.final_layer = nn.Linear(8, 8)
 
-    with pytest.raises(UnsupportedModelError, match=r"TinyDiT.*double_blocks.*Flux"):
+    with pytest.raises(UnsupportedModelError, match=r"TinyDiT.*Flux.*double_blocks.*SD1.x"):
         detect_adapter(TinyDiT())
     with pytest.raises(UnsupportedModelError):
         quantize(TinyDiT(), lambda unet: None, "W8A8")
@@ -198,3 +198,44 @@ def test_progress_covers_every_phase(sd1):
     total = 3 * runner.total_unet_calls  # capture, consistency pass, evaluation
     assert seen[-1] == (total, total) and len(seen) == total
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+class LdmRunner:
+    """A plain ldm-style sampling loop: unet(x, timesteps=t, context=ctx), CFG batch of 2."""
+
+    def __init__(self, context_dim, steps=3, size=8, seed=0, y_dim=None):
+        gen = torch.Generator().manual_seed(seed)
+        self.steps, self.total_unet_calls = steps, steps
+        self.x = torch.randn(1, 4, size, size, generator=gen)
+        self.ctx = torch.cat([torch.zeros(1, 5, context_dim), torch.randn(1, 5, context_dim, generator=gen)])
+        self.y = None if y_dim is None else torch.randn(2, y_dim, generator=gen)
+
+    @torch.no_grad()
+    def __call__(self, unet):
+        x = self.x.clone()
+        for t in torch.linspace(999, 1, self.steps):
+            kwargs = {"context": self.ctx} if self.y is None else {"context": self.ctx, "y": self.y}
+            eps = unet(torch.cat([x, x]), timesteps=t.expand(2), **kwargs)
+            uncond, cond = eps.chunk(2)
+            x = x - 0.1 * (uncond + 4.0 * (cond - uncond))
+        return x
+
+
+@pytest.mark.parametrize("source", ["mini-ldm", "comfyui"])
+def test_ldm_unet_calibrates_applies_and_round_trips(source, tmp_path):
+    from unets import comfyui_unet, ldm_unet
+    unet = comfyui_unet("sd1") if source == "comfyui" else ldm_unet("sd1")
+    adapter = detect_adapter(unet)
+    assert adapter.family == "ldm"
+    context_dim = next(m.in_features for n, m in unet.named_modules() if n.endswith("attn2.to_k"))
+    runner = LdmRunner(context_dim)
+    digest = weights_digest(unet)
+    result = quantize(unet, runner, preset("W8A8", timestep_groups=2, workers=1))
+    assert _no_hooks(unet) and weights_digest(unet) == digest
+    assert len(result.time_tables) == 1 + len(adapter.time_projection_names(unet))
+    assert result.report["fidelity"]["unet_rel_error_mean"] < 0.2
+    model = result.apply(unet)
+    out_float, out_quant = runner(unet), runner(model)
+    assert torch.isfinite(out_quant).all() and _rel(out_quant, out_float) < 0.5
+    path = artifact.save_result(result, tmp_path / "ldm.safetensors")
+    assert torch.equal(runner(artifact.load_result(path, unet).apply(unet)), out_quant)
