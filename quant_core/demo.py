@@ -6,6 +6,7 @@ comparison uses held-out prompts and seeds, image for image against the float mo
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,19 +18,28 @@ from .config import preset
 from .quantize import quantize
 
 REPO = Path(__file__).resolve().parents[1]
+CFG = 3.0  # the proxy's guidance scale (bench/proxy/sample.py default)
 
 
 def load_proxy_module():
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        import proxy  # noqa: WPS433 (bench/proxy, shipped with the repo)
+        import proxy  # bench/proxy, shipped with the repo
     except ImportError as exc:
         raise SystemExit(f"the bundled proxy model (bench/proxy) could not be imported: {exc}") from exc
     finally:
         sys.path.pop(0)
-    if not Path(proxy.WEIGHTS).is_file():
-        raise SystemExit(f"proxy weights missing at {proxy.WEIGHTS}; train them with bench/proxy/train.py")
     return proxy
+
+
+def load_default_model(proxy, seed: int):
+    """The trained proxy when its weights are present, else the same architecture with seeded random weights."""
+    trained = Path(proxy.WEIGHTS).is_file()
+    if not trained:
+        print(f"NOTE: trained proxy weights not found at {proxy.WEIGHTS}; using the same architecture with "
+              "seeded random weights. The method runs end to end, but fidelity on random weights says "
+              "little about a trained model (train with bench/proxy/train.py).")
+    return proxy.load_proxy(trained=trained, seed=seed), trained
 
 
 class ProxyRunner:
@@ -50,7 +60,7 @@ class ProxyRunner:
 
 def calibration_prompts(proxy, count: int, seed: int) -> list:
     gen = torch.Generator().manual_seed(seed)
-    _, captions = proxy.make_batch(count, gen)
+    _, captions, _ = proxy.make_batch(count, gen)
     return list(captions)
 
 
@@ -76,13 +86,12 @@ def run_demo(args) -> int:
     from .__main__ import _progress_bar
 
     proxy = load_proxy_module()
-    bundle = proxy.load_proxy()
+    bundle, trained = load_default_model(proxy, args.seed)
     unet, text_encoder = bundle["unet"], bundle["text_encoder"]
-    calib = ProxyRunner(proxy, text_encoder, calibration_prompts(proxy, 16, args.seed), args.steps, 7.5, args.seed)
-    held_out = [proxy.caption(*combo) if isinstance(combo, tuple) else combo
-                for combo in list(proxy.HELD_OUT)][: args.images]
+    calib = ProxyRunner(proxy, text_encoder, calibration_prompts(proxy, args.calib_prompts, args.seed), args.steps, CFG, args.seed)
+    held_out = [proxy.caption(*combo) for combo in proxy.HELD_OUT][: args.images]
     held_out += calibration_prompts(proxy, args.images, args.seed + 1)[: max(0, args.images - len(held_out))]
-    evaluate = ProxyRunner(proxy, text_encoder, held_out, args.steps, 7.5, args.seed + 1000)
+    evaluate = ProxyRunner(proxy, text_encoder, held_out, args.steps, CFG, args.seed + 1000)
 
     float_images = evaluate.images(unet)
     baseline = args.baseline or ("naive-W4A8" if "W4" in args.preset else "naive-W8A8")
@@ -104,10 +113,13 @@ def run_demo(args) -> int:
     out = Path(args.out)
     save_side_by_side(out / "side_by_side.png", columns)
 
-    print(f"\nFidelity vs the float model on {len(held_out)} held-out prompts ({args.steps} steps, same seeds):")
+    model_name = "trained proxy" if trained else "proxy architecture, seeded random weights"
+    print(f"\nFidelity vs the float model ({model_name}) on {len(held_out)} held-out prompts "
+          f"({args.steps} steps, same seeds):")
     print(f"{'variant':<14}{'PSNR dB':>9}{'SSIM':>8}{'img MSE':>11}{'UNet err':>10}{'calib s':>9}{'MiB':>7}")
     for r in rows:
         print(f"{r['name']:<14}{r['psnr']:>9.2f}{r['ssim']:>8.4f}{r['image_mse']:>11.2e}{r['unet_err']:>10.4f}"
               f"{r['calib_s']:>9.1f}{r['weight_mib']:>7.2f}")
     print(f"side-by-side (float | {baseline} | {args.preset} | 4x difference): {out / 'side_by_side.png'}")
+    (out / "report.json").write_text(json.dumps({"model": model_name, "variants": rows}, indent=2))
     return 0
