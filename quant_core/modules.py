@@ -1,6 +1,8 @@
 """Quantized layers: QuantLinear and QuantConv2d (W8A8 and W4A8).
 
-Storage (all registered buffers, so ``state_dict()`` shows the real bytes):
+Storage (registered tensors, so ``state_dict()`` shows the real bytes). ``weight`` is a frozen
+``nn.Parameter`` because ComfyUI only loads, moves and weight-patches (LoRA) modules that own
+parameters; everything else is a buffer:
 
     weight              int8 codes (W8: the float weight's shape) or packed int4 (W4: uint8 (N, K/2))
     weight_group_scale  W4 only: uint8 (N, K/group_size), integer group scales in [1, 16]
@@ -52,10 +54,12 @@ class _QuantLayer(nn.Module):
         self.reduce_dim = reduce_dim  # K of the GEMM (in_features, or C*kh*kw for convs)
         self.weight_shape = tuple(weight_shape)
         if weight_bits == 8:
-            self.register_buffer("weight", torch.empty(weight_shape, dtype=torch.int8, device=device))
+            codes = torch.empty(weight_shape, dtype=torch.int8, device=device)
         else:
             k_pad = formats.padded_width(reduce_dim, group_size)
-            self.register_buffer("weight", torch.empty(out_features, k_pad // 2, dtype=torch.uint8, device=device))
+            codes = torch.empty(out_features, k_pad // 2, dtype=torch.uint8, device=device)
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        if weight_bits == 4:
             self.register_buffer("weight_group_scale",
                                  torch.empty(out_features, k_pad // group_size, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
@@ -92,6 +96,43 @@ class _QuantLayer(nn.Module):
             self.weight_group_scale.copy_(packed.group_scale)
             scale = packed.channel_scale
         self.weight_scale.copy_(scale)
+
+    # ---------------------------------------------------------------- ComfyUI weight patches (LoRA)
+    # ComfyUI merges a LoRA by weight key: convert_weight gives it our float weight, it adds the
+    # patch, set_weight stores the result. Only the codes change: every scale stays as calibrated, so
+    # restoring the backed-up `weight` tensor on unpatch restores the exact quantized layer.
+
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
+        """The float weight this layer represents (ComfyUI hands us a float copy of our stored codes)."""
+        return self.dequantize_weight().to(weight.device)
+
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
+                   **kwargs):
+        """Requantize a merged float weight onto this layer's existing scales."""
+        codes = self.requantize_codes(weight)
+        if return_weight:
+            return codes
+        if inplace_update:
+            self.weight.data.copy_(codes)
+        else:
+            self.weight = nn.Parameter(codes, requires_grad=False)
+        return None
+
+    def requantize_codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """Codes for a float weight of this layer's shape with the current (fixed) scales; out-of-range values saturate."""
+        w2d = weight.detach().to(self.weight_scale.device, torch.float32).reshape(self.weight_scale.shape[0], -1)
+        scale = self.weight_scale.float().unsqueeze(1)
+        if self.weight_bits == 8:
+            codes = torch.round(w2d / scale).clamp_(-formats.INT8_QMAX, formats.INT8_QMAX).to(torch.int8)
+            return codes.view(self.weight.shape)
+        rows, n_groups = self.weight_group_scale.shape
+        k_pad = n_groups * self.group_size
+        if k_pad != w2d.shape[1]:
+            w2d = F.pad(w2d, (0, k_pad - w2d.shape[1]))
+        step = scale.unsqueeze(2) * self.weight_group_scale.float().unsqueeze(2)
+        q4 = torch.round(w2d.view(rows, n_groups, self.group_size) / step)
+        q4 = q4.clamp_(formats.INT4_QMIN, formats.INT4_QMAX).to(torch.int8).view(rows, k_pad)
+        return formats.pack_int4(q4, self.group_size)
 
     def _cached(self, name: str, key: tuple, build):
         """Runtime data derived from buffers (unpacked int8, prepacked oneDNN weight).
@@ -151,15 +192,19 @@ class _QuantLayer(nn.Module):
         Run on temporary copies of the buffers and put the originals back, so offloading still
         saves memory and no derived cache keeps a copy alive.
         """
-        saved_buffers, saved_derived = dict(self._buffers), self._derived
+        saved_buffers, saved_params, saved_derived = dict(self._buffers), dict(self._parameters), self._derived
         try:
             for name, tensor in saved_buffers.items():
                 if tensor is not None:
                     self._buffers[name] = tensor.to(x.device, non_blocking=True)
+            for name, param in saved_params.items():
+                if param is not None:
+                    self._parameters[name] = nn.Parameter(param.to(x.device, non_blocking=True), requires_grad=False)
             self._derived = {}
             return self.forward(x)
         finally:
             self._buffers.update(saved_buffers)
+            self._parameters.update(saved_params)
             self._derived = saved_derived
 
     def storage_bytes(self) -> int:

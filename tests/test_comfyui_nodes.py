@@ -133,6 +133,26 @@ def test_calibrate_quantize_patches_a_clone_and_stays_close(env, tmp_path):
     loaded, _ = pack.nodes.fidelity_nodes.LoadQuantizedUNet().load(model, "tiny.safetensors")
     assert torch.equal(_sample(comfy, loaded), quant)
 
+    # A LoRA-style weight patch on the quantized MODEL: merged by ComfyUI through our convert_weight /
+    # set_weight, close to the float model with the same patch, and undone bit-exactly.
+    comfy.model_management.unload_all_models()
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    layer = result.layers["input_blocks.1.1.transformer_blocks.0.attn1.to_q"]
+    codes = layer.weight.clone()
+    w = model.model.state_dict()[key]
+    delta = torch.randn(w.shape, generator=torch.Generator().manual_seed(5)) * float(w.abs().mean()) * 0.3
+    lora_float, lora_quant = model.clone(), qmodel.clone()
+    assert lora_float.add_patches({key: ("diff", (delta,))}, 1.0) == [key]
+    assert lora_quant.add_patches({key: ("diff", (delta,))}, 1.0) == [key]
+    with_lora_float, with_lora_quant = _sample(comfy, lora_float), _sample(comfy, lora_quant)
+    assert not torch.equal(with_lora_quant, quant)
+    rel_lora = float((with_lora_quant - with_lora_float).norm() / with_lora_float.norm())
+    print(f"with LoRA patch: {rel_lora:.4f}")
+    assert rel_lora < 1.5 * rel + 0.01
+    comfy.model_management.unload_all_models()
+    assert torch.equal(layer.weight, codes)
+    assert torch.equal(_sample(comfy, qmodel), quant)
+
     other = _tiny_sd15(comfy, seed=1)
     from quant_core.result import IncompatibleModelError
     with pytest.raises(IncompatibleModelError, match="different checkpoint"):

@@ -202,7 +202,8 @@ def test_layers_hold_no_float_weight_and_report_real_bytes(bits):
     expected_keys = {"weight", "weight_scale", "act_scale", "bias"} | ({"weight_group_scale"} if bits == 4 else set())
     assert set(state) == expected_keys
     assert state["weight"].dtype == (torch.int8 if bits == 8 else torch.uint8)
-    assert not list(layer.parameters())
+    assert [name for name, _ in layer.named_parameters()] == ["weight"]  # frozen codes: ComfyUI loads/patches it
+    assert not layer.weight.requires_grad
     weight_bytes = sum(state[k].numel() * state[k].element_size()
                        for k in ("weight", "weight_scale", "weight_group_scale") if k in state)
     ratio = weight_bytes / (1280 * 640 * 2)
@@ -270,3 +271,48 @@ def test_forced_float_backend(monkeypatch):
     finally:
         monkeypatch.delenv("FIDELITYQUANT_BACKEND")
         kernels._forced_backend.cache_clear()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_comfy_weight_patch_hooks_merge_and_restore_exactly(bits, kind):
+    """convert_weight/set_weight (ComfyUI's LoRA path): merge changes the output, restoring is bit-exact."""
+    torch.manual_seed(bits)
+    if kind == "linear":
+        float_layer, x = torch.nn.Linear(96, 64), torch.randn(10, 96)
+        layer = QuantLinear.from_float(float_layer, weight_bits=bits, group_size=32, act_scales=[0.03])
+    else:
+        float_layer, x = torch.nn.Conv2d(16, 32, 3, padding=1), torch.randn(1, 16, 6, 6)
+        layer = QuantConv2d.from_float(float_layer, weight_bits=bits, group_size=32, act_scales=[0.03])
+    original = layer.weight.clone()
+    base_out = layer(x)
+    dequant = layer.convert_weight(original.float(), inplace=True)
+    assert dequant.shape == float_layer.weight.shape
+    assert torch.equal(dequant, layer.dequantize_weight())
+    delta = torch.randn(dequant.shape) * dequant.abs().mean() * 0.5  # a LoRA-sized update
+    for _ in range(3):  # repeated patch / unpatch never drifts
+        layer.set_weight(dequant + delta)
+        patched = layer(x)
+        assert not torch.equal(patched, base_out)
+        _check_requantized(layer, (dequant + delta).reshape(dequant.shape[0], -1), bits)
+        layer.set_weight(dequant)
+        assert torch.equal(layer.weight, original) and torch.equal(layer(x), base_out)
+    assert torch.equal(layer.set_weight(dequant, return_weight=True), original)
+
+
+def _check_requantized(layer, target, bits):
+    """Codes inside the fixed range are within half a step of the target; the rest saturate at the range limit."""
+    w8 = layer.int8_weight_2d().to(torch.int32)
+    scale = layer.weight_scale.unsqueeze(1)
+    if bits == 8:
+        step = scale.expand_as(target)
+        q, low, high = w8, -127, 127
+    else:
+        gs = layer.weight_group_scale.to(torch.int32).repeat_interleave(layer.group_size, dim=1)[:, :target.shape[1]]
+        step = scale * gs
+        q, low, high = w8 // gs, -8, 7
+    got = w8.float() * scale
+    inside = (q > low) & (q < high)
+    assert bool(((got - target).abs()[inside] <= step[inside] / 2 + 1e-6).all())
+    assert bool((((target > got) & (q == high)) | ((target < got) & (q == low)) | inside
+                 | ((got - target).abs() <= step / 2 + 1e-6)).all())
