@@ -118,12 +118,6 @@ def quantize_dynamic_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return xf.div(scale).round_().clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8), scale
 
 
-def quantize_dynamic_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor symmetric int8 with a scale measured on this input (for uncalibrated convs)."""
-    scale = x.detach().abs().amax().to(torch.float32).clamp_min(1e-8) / ACT_QMAX
-    return quantize_static(x, scale), scale
-
-
 # ----------------------------------------------------------------------------- GEMM
 
 def int8_matmul(qx: torch.Tensor, w8: torch.Tensor, backend: str) -> torch.Tensor:
