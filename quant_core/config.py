@@ -14,9 +14,11 @@ class QuantConfig:
     time_precalc: bool = True         # time MLP + ResBlock time projections: float tables, never quantized
     mixed_precision: bool = False     # promote sensitive layers to W8 / float within bits_budget
     bits_budget: float = 4.5          # average weight bits over quantizable layers (mixed precision)
+    mixed_plan: str = "sensitivity"   # "sensitivity": by measured error; "random": same budget, random layers (ablation)
     weight_clip_search: bool = True   # per-output-channel weight clipping chosen by output error
     act_clip_search: bool = True      # activation clipping per timestep group chosen by output error
     weight_per_tensor: bool = False   # naive baseline: one weight range per tensor
+    weight_rounding: str = "gptq"     # "gptq": error-compensating rounding on captured inputs; "nearest": RTN
     memory_limit_mb: int = 256        # capture reservoir budget
     fit_rows: int = 2048              # rows per layer and group used when fitting (subsampled, seeded)
     workers: int = 2                  # threads for parallel per-layer fitting
@@ -28,6 +30,10 @@ class QuantConfig:
             raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
         if self.group_size not in (32, 64, 128):
             raise ValueError(f"group_size must be 32, 64 or 128, got {self.group_size}")
+        if self.mixed_plan not in ("sensitivity", "random"):
+            raise ValueError(f"mixed_plan must be 'sensitivity' or 'random', got {self.mixed_plan!r}")
+        if self.weight_rounding not in ("gptq", "nearest"):
+            raise ValueError(f"weight_rounding must be 'gptq' or 'nearest', got {self.weight_rounding!r}")
         if self.timestep_groups < 1:
             raise ValueError("timestep_groups must be at least 1")
         if self.mixed_precision and not (self.weight_bits < self.bits_budget <= 16):
@@ -43,7 +49,7 @@ class QuantConfig:
 
 
 _NAIVE = dict(timestep_groups=1, consistency_pass=False, time_precalc=False, weight_clip_search=False,
-              act_clip_search=False, weight_per_tensor=True)
+              act_clip_search=False, weight_per_tensor=True, weight_rounding="nearest")
 PRESETS = {
     "W8A8": dict(weight_bits=8),
     "W4A8": dict(weight_bits=4),
@@ -53,7 +59,9 @@ PRESETS = {
     "naive-W4A8": dict(weight_bits=4, **_NAIVE),
     # Q-Diffusion style: FP-trajectory calibration over all steps, per-channel weights with clipping
     # search, one activation scale for all timesteps, no consistency pass, no precalc.
-    "qdiff-W4A8": dict(weight_bits=4, timestep_groups=1, consistency_pass=False, time_precalc=False),
+    # (Q-Diffusion itself learns the rounding with BRECQ/AdaRound; this baseline rounds to nearest.)
+    "qdiff-W4A8": dict(weight_bits=4, timestep_groups=1, consistency_pass=False, time_precalc=False,
+                       weight_rounding="nearest"),
 }
 
 

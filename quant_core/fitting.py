@@ -6,6 +6,9 @@ release the GIL). Candidates are evaluated vectorised where memory allows.
 
 - Weight clipping: one ratio per output channel, chosen by the layer's output error. The error of
   output channel n only depends on row n of the weight, so all channels are chosen at once.
+- Weight rounding: round to nearest, or error-compensating rounding on the same grid
+  (``rounding.py``, GPTQ's idea) driven by the captured inputs; the clip ratio is then chosen per
+  channel by the output error *after* that rounding.
 - Activation clipping: one static scale per timestep group, chosen by output error on that group's
   rows with the (already quantized) weight.
 """
@@ -16,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import formats
+from . import formats, rounding
 
 WEIGHT_CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+# Error-compensated rounding tolerates outliers better, so it needs fewer (and milder) clip ratios.
+GPTQ_CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
 ACT_CLIP_CANDIDATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 ACT_QMAX = 127
 
@@ -30,6 +35,53 @@ def fake_quant_weight(w2d: torch.Tensor, bits: int, group_size: int, clip=None, 
         return codes.float() * scale.unsqueeze(1)
     q = formats.quantize_int4_grouped(w2d, group_size, clip, per_tensor)
     return q.to_int8().float() * q.channel_scale.unsqueeze(1)
+
+
+def weight_grid(w2d: torch.Tensor, bits: int, group_size: int, clip=None, per_tensor=False):
+    """The layer format's grid for ``w2d``: (step (N, K), channel scale (N,), integer group scale (N, K), qmin, qmax).
+
+    ``step = channel_scale * group_scale``; the int8 value the GEMM uses is ``code * group_scale``.
+    """
+    n, k = w2d.shape
+    if bits == 8:
+        _, scale = formats.quantize_int8_per_channel(w2d, clip, per_tensor)
+        ones = torch.ones(n, k)
+        return scale.unsqueeze(1) * ones, scale, ones, -formats.INT8_QMAX, formats.INT8_QMAX
+    q = formats.quantize_int4_grouped(w2d, group_size, clip, per_tensor)
+    group = q.group_scale.float().repeat_interleave(group_size, dim=1)[:, :k]
+    return q.channel_scale.unsqueeze(1) * group, q.channel_scale, group, formats.INT4_QMIN, formats.INT4_QMAX
+
+
+def error_feedback_weight(w2d: torch.Tensor, rounder, bits: int, group_size: int, clip=None,
+                          per_tensor=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact int8 weight (N, K), channel scale (N,)) after error-compensating rounding on the format's grid."""
+    step, channel_scale, group, qmin, qmax = weight_grid(w2d, bits, group_size, clip, per_tensor)
+    codes = rounder.round(w2d, step, qmin, qmax)
+    return (codes * group.to(torch.int32)).to(torch.int8), channel_scale
+
+
+def search_clip_error_feedback(w2d: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
+                               candidates=GPTQ_CLIP_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel clip ratio for error-compensated rounding; returns (clip (N,), int8 weight, channel scale).
+
+    Rows are independent under this rounding, so each channel keeps the candidate whose rounded row
+    gives the smallest output error ``d H d^T``; the int8 row and its channel scale come with it.
+    """
+    rounder = rounding.ErrorFeedbackRounder(hessian)
+    best_err = best_clip = best_w8 = best_scale = None
+    for c in candidates:
+        w8, scale = error_feedback_weight(w2d, rounder, bits, group_size, clip=c)
+        err = rounding.output_error_per_channel(w2d - w8.float() * scale.unsqueeze(1), hessian)
+        if best_err is None:
+            best_err, best_w8, best_scale = err, w8, scale.clone()
+            best_clip = torch.full((w2d.shape[0],), float(c))
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_clip[better] = float(c)
+        best_w8[better] = w8[better]
+        best_scale[better] = scale[better]
+    return best_clip, best_w8, best_scale
 
 
 def fake_quant_act(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -82,19 +134,29 @@ class LayerFit:
     clip: torch.Tensor        # (N,) per-output-channel clip ratio
     act_scales: torch.Tensor  # (G,) one per timestep group
     error: float              # relative L2 output error over captured rows (weights + activations)
+    int8_weight: torch.Tensor | None = None  # (N, K) exact int8 weight when not plain round-to-nearest
 
 
 def fit_layer(weight: torch.Tensor, capture, group_keys: list, bits: int, cfg, seed: int) -> LayerFit:
     """Fit one layer at ``bits`` from its capture; ``group_keys[g]`` lists the timestep keys of group g."""
     w2d = weight.detach().float().reshape(weight.shape[0], -1)
     all_rows = subsample(capture.rows(), cfg.fit_rows, seed)
-    if cfg.weight_clip_search and not cfg.weight_per_tensor:
-        clip = search_weight_clip(w2d, all_rows, bits, cfg.group_size)
+    int8_weight = None
+    rows = capture.rows() if cfg.weight_rounding == "gptq" and not cfg.weight_per_tensor else None
+    # H from fewer rows than K is rank-deficient: the rounding would fit those rows, not the layer.
+    if rows is not None and rows.shape[0] >= w2d.shape[1]:
+        hessian = rounding.input_gram(rows)  # every captured row, not the fit subsample
+        candidates = GPTQ_CLIP_CANDIDATES if cfg.weight_clip_search else (1.0,)
+        clip, int8_weight, channel_scale = search_clip_error_feedback(w2d, hessian, bits, cfg.group_size, candidates)
+        w_quant = int8_weight.float() * channel_scale.unsqueeze(1)
     else:
-        clip = torch.ones(w2d.shape[0])
-    w_quant = fake_quant_weight(w2d, bits, cfg.group_size, clip, cfg.weight_per_tensor)
+        if cfg.weight_clip_search and not cfg.weight_per_tensor:
+            clip = search_weight_clip(w2d, all_rows, bits, cfg.group_size)
+        else:
+            clip = torch.ones(w2d.shape[0])
+        w_quant = fake_quant_weight(w2d, bits, cfg.group_size, clip, cfg.weight_per_tensor)
     act_scales, err_num, err_den = fit_act_scales(capture, group_keys, w2d, w_quant, cfg, seed)
-    return LayerFit(bits, clip, act_scales, (err_num / err_den) ** 0.5 if err_den else float("nan"))
+    return LayerFit(bits, clip, act_scales, (err_num / err_den) ** 0.5 if err_den else float("nan"), int8_weight)
 
 
 def fit_act_scales(capture, group_keys: list, w2d: torch.Tensor, w_quant: torch.Tensor, cfg, seed: int):

@@ -46,3 +46,18 @@ def plan_precision(sizes: dict, errors: dict, base_bits: int, budget: float) -> 
 def average_bits(plan: dict, sizes: dict) -> float:
     total = sum(sizes.values())
     return sum(plan[n] * sizes[n] for n in plan) / total if total else 0.0
+
+
+def plan_random(sizes: dict, base_bits: int, budget: float, seed: int) -> dict:
+    """The ablation of :func:`plan_precision`: the same budget spent on W8 upgrades of random layers."""
+    import random
+
+    plan = {name: base_bits for name in sizes}
+    limit, used = budget * sum(sizes.values()), base_bits * sum(sizes.values())
+    names = sorted(sizes)
+    random.Random(seed).shuffle(names)
+    for name in names:
+        cost = (8 - base_bits) * sizes[name]
+        if used + cost <= limit:
+            plan[name], used = 8, used + cost
+    return plan

@@ -25,7 +25,7 @@ from .adapters import detect_adapter
 from .fitting import fit_all, refit_act_scales
 from .modeltree import fingerprint
 from .modules import QuantConv2d, QuantLinear
-from .planner import FLOAT_BITS, average_bits, plan_precision
+from .planner import FLOAT_BITS, average_bits, plan_precision, plan_random
 from .result import QuantResult
 from .timegroups import plan_groups
 
@@ -57,8 +57,14 @@ def time_path_linears(unet: nn.Module, adapter) -> dict:
 
 def _build_layer(module: nn.Module, fit, cfg: QuantConfig):
     cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-    return cls.from_float(module, weight_bits=fit.weight_bits, group_size=cfg.group_size,
-                          act_scales=fit.act_scales, weight_clip=fit.clip, per_tensor=cfg.weight_per_tensor)
+    layer = cls.from_float(module, weight_bits=fit.weight_bits, group_size=cfg.group_size,
+                           act_scales=fit.act_scales, weight_clip=fit.clip, per_tensor=cfg.weight_per_tensor)
+    if fit.int8_weight is not None:
+        # Same scales (same weight and clip), other codes: the fitted weight lies exactly on the
+        # layer's grid, so requantizing it reproduces the fitted codes.
+        fitted = fit.int8_weight.float() * layer.weight_scale.unsqueeze(1)
+        layer.weight.data.copy_(layer.requantize_codes(fitted))
+    return layer
 
 
 def quantize(unet: nn.Module, runner, config: QuantConfig | str | None = None, progress=None) -> QuantResult:
@@ -96,7 +102,8 @@ def quantize(unet: nn.Module, runner, config: QuantConfig | str | None = None, p
     sizes = {n: w.numel() for n, w in weights.items()}
     if cfg.mixed_precision:
         errors = {n: {b: f.error for b, f in fits[n].items()} for n in fits}
-        plan = plan_precision(sizes, errors, cfg.weight_bits, cfg.bits_budget)
+        plan = (plan_precision(sizes, errors, cfg.weight_bits, cfg.bits_budget) if cfg.mixed_plan == "sensitivity"
+                else plan_random(sizes, cfg.weight_bits, cfg.bits_budget, cfg.seed))
     else:
         plan = {n: cfg.weight_bits for n in layers}
     qlayers = {n: _build_layer(layers[n], fits[n][plan[n]], cfg) for n in layers if plan[n] != FLOAT_BITS}
@@ -109,7 +116,9 @@ def quantize(unet: nn.Module, runner, config: QuantConfig | str | None = None, p
         "capture_bytes": cap.bytes, "unet_calls_per_run": cap.unet_calls,
         "average_weight_bits": average_bits(plan, sizes),
         "layers": {n: {"bits": plan[n], "error": fits[n][plan[n]].error if plan[n] in fits[n] else 0.0,
-                       "params": sizes[n]} for n in layers},
+                       "params": sizes[n],
+                       "rounding": "gptq" if plan[n] in fits[n] and fits[n][plan[n]].int8_weight is not None
+                       else "nearest"} for n in layers},
         "timings": timings,
     }
     result = QuantResult(adapter.family, adapter.variant, cfg, fingerprint(base_layers), qlayers, group_keys,

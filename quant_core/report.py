@@ -22,5 +22,10 @@ def format_report(result) -> str:
     counts = {}
     for bits in r["layers"].values():
         counts[bits["bits"]] = counts.get(bits["bits"], 0) + 1
+    if result.config.weight_rounding == "gptq":
+        nearest = sum(1 for v in r["layers"].values() if v.get("rounding") == "nearest" and v["bits"] != 16)
+        if nearest:
+            lines.append(f"error-compensated rounding: {nearest} layers fell back to round-to-nearest (fewer captured "
+                         "rows than inputs per row; raise the capture memory limit to cover them)")
     lines.append("precision plan: " + ", ".join(f"{'float' if b == 16 else f'W{b}'} x{c}" for b, c in sorted(counts.items())))
     return "\n".join(lines)

@@ -39,6 +39,17 @@ def test_planner_respects_budget_and_promotes_most_sensitive_first():
     assert set(roomy.values()) == {16}
 
 
+def test_random_plan_spends_the_same_budget_without_looking_at_errors():
+    sizes = {f"l{i}": 100 * (i + 1) for i in range(12)}
+    plan = planner.plan_random(sizes, base_bits=4, budget=5.0, seed=3)
+    assert plan == planner.plan_random(sizes, base_bits=4, budget=5.0, seed=3)  # seeded
+    assert set(plan.values()) == {4, 8} and planner.average_bits(plan, sizes) <= 5.0
+    # nothing more fits: every remaining W4 layer would break the budget
+    spare = 5.0 * sum(sizes.values()) - sum(plan[n] * sizes[n] for n in sizes)
+    assert all(4 * sizes[n] > spare for n in sizes if plan[n] == 4)
+    assert any(planner.plan_random(sizes, 4, 5.0, seed=s) != plan for s in range(4, 8))
+
+
 # ---------------------------------------------------------------- fitting
 
 def _layer_data(seed=0, k=128, n=64, rows=512):
