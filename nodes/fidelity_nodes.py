@@ -1,8 +1,17 @@
-"""FidelityQuant nodes (ComfyUI V1 node API, category "FidelityQuant"). Thin: the work is in quant_core."""
+"""FidelityQuant nodes, category "FidelityQuant". Thin: the work is in quant_core.
+
+Each node is declared once (``NodeSpec``: inputs, outputs, description) and does its work in one plain
+function (``calibrate_and_quantize``, ``save_quantized``, ``load_quantized``, ``compare_images``).
+Two front ends call them: the V1 classes below (``NODE_CLASS_MAPPINGS``, for ComfyUI without the V3
+API) and the V3 nodes in ``v3_nodes.py``; the root ``__init__.py`` picks one at import time.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,6 +25,7 @@ CATEGORY = "FidelityQuant"
 FOLDER = "fidelity_quant"
 DEFAULT_PROMPTS = (Path(__file__).parent / "default_prompts.txt").read_text().strip()
 QUANT_RESULT = "FQ_RESULT"
+PRESETS = ["W8A8", "W4A8", "W4A8-mixed"]
 
 
 def register_folder() -> None:
@@ -25,148 +35,241 @@ def register_folder() -> None:
         folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
 
 
-class CalibrateAndQuantize:
+@contextlib.contextmanager
+def outside_inference_mode():
+    """ComfyUI runs every node under ``torch.inference_mode()`` (execution.py:662). Tensors made there are
+    inference tensors, which have no version counter, and quant_core's layers key their runtime caches
+    on ``tensor._version``: build (and calibrate) quantized layers outside it, still without autograd."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def unet_as_run_by(model):
+    """The UNet in the state ``model`` runs it. ComfyUI leaves the last sampled clone's object patches (for
+    example a quantized MODEL's layers) on the shared module until it loads another clone, whose
+    ``partially_load`` then undoes them (comfy/model_patcher.py:865-874): so load ``model`` first."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    return diffusion_model_of(model)
+
+
+# --- the work: plain functions shared by the V1 and V3 nodes --------------------------------------------
+
+def calibrate_and_quantize(model, clip, prompts, negative, steps, cfg, sampler_name, scheduler, width, height,
+                           seed, preset, timestep_groups, bits_budget, consistency_pass, memory_limit_mb):
+    """-> (quantized MODEL, QuantResult, report). The input MODEL is not modified."""
+    import comfy.model_management
+    import comfy.utils
+
+    from quant_core.quantize import quantize
+
+    lines = [p.strip() for p in prompts.splitlines() if p.strip()]
+    if not lines:
+        raise ValueError("FidelityQuant: give at least one calibration prompt (one per line)")
+    encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))  # noqa: E731
+    negative_cond = encode(negative)
+    runner = ComfySamplerRunner(model, [(encode(p), negative_cond) for p in lines], steps, cfg, sampler_name,
+                                scheduler, width, height, seed)
+    options = {"timestep_groups": timestep_groups, "consistency_pass": consistency_pass,
+               "memory_limit_mb": memory_limit_mb}
+    if preset == "W4A8-mixed":
+        options["bits_budget"] = bits_budget
+    bar = comfy.utils.ProgressBar(1)
+
+    def progress(done, total):
+        bar.update_absolute(done, total)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    with outside_inference_mode():
+        result = quantize(unet_as_run_by(model), runner, make_preset(preset, **options), progress=progress)
+        return quantized_model(model, result), result, result.summary()
+
+
+def save_quantized(quant_result, filename) -> str:
+    """Write ``models/fidelity_quant/<filename>.safetensors`` (numbered, never overwritten); -> message."""
+    import folder_paths
+
+    register_folder()
+    stem = Path(filename).stem or "fidelityquant"
+    if Path(filename).name != filename or stem.startswith("."):
+        raise ValueError(f"FidelityQuant: {filename!r} must be a plain file name (no folders)")
+    folder = folder_paths.get_folder_paths(FOLDER)[0]
+    path = Path(folder) / f"{stem}.safetensors"
+    counter = 1
+    while path.exists():  # never overwrite silently: number new files instead
+        path = Path(folder) / f"{stem}_{counter:05d}.safetensors"
+        counter += 1
+    save_result(quant_result, path)
+    return f"saved {path.name}"
+
+
+def load_quantized(model, file):
+    """-> (quantized MODEL, report); raises IncompatibleModelError for a file made for another model."""
+    import folder_paths
+
+    register_folder()
+    path = folder_paths.get_full_path_or_raise(FOLDER, file)
+    with outside_inference_mode():
+        result = load_result(path, unet_as_run_by(model))
+        return quantized_model(model, result), result.summary()
+
+
+def compare_images(reference, images):
+    """-> (report with PSNR / SSIM per image and mean, 4x amplified difference IMAGE)."""
+    a, b = reference.movedim(-1, 1).float(), images.movedim(-1, 1).float()  # IMAGE is (B, H, W, C)
+    if a.shape != b.shape:
+        raise ValueError(f"FidelityQuant: images differ in size/batch: {tuple(reference.shape)} vs {tuple(images.shape)}")
+    psnr, ssim = metrics.psnr(b, a).clamp(max=99), metrics.ssim(b, a)
+    lines = [f"image {i}: PSNR {p:.2f} dB, SSIM {s:.4f}" for i, (p, s) in enumerate(zip(psnr.tolist(), ssim.tolist()))]
+    lines.append(f"mean: PSNR {psnr.mean():.2f} dB, SSIM {ssim.mean():.4f}")
+    difference = ((images - reference).abs() * 4).clamp(0, 1)
+    return "\n".join(lines), difference
+
+
+# --- one declaration per node, read by both APIs -------------------------------------------------------
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str
+    display_name: str
+    description: str
+    inputs: Callable[[], list]  # -> [(name, type or list of options, options dict)]; called lazily (needs ComfyUI)
+    outputs: tuple = ()         # ((type, name, tooltip), ...)
+    output_node: bool = False
+
+
+def _calibrate_inputs():
+    import comfy.samplers
+
+    return [
+        ("model", "MODEL", {"tooltip": "the float model to quantize (left unchanged)"}),
+        ("clip", "CLIP", {"tooltip": "encodes the calibration prompts"}),
+        ("prompts", "STRING", {"multiline": True, "default": DEFAULT_PROMPTS,
+                               "tooltip": "calibration prompts, one per line; each is sampled once"}),
+        ("negative", "STRING", {"multiline": True, "default": "", "tooltip": "negative prompt for every sample"}),
+        ("steps", "INT", {"default": 20, "min": 1, "max": 200,
+                          "tooltip": "sampling steps per calibration prompt (use what you will sample with)"}),
+        ("cfg", "FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.1}),
+        ("sampler_name", comfy.samplers.KSampler.SAMPLERS, {}),
+        ("scheduler", comfy.samplers.KSampler.SCHEDULERS, {}),
+        ("width", "INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+        ("height", "INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+        # Fixed by default: a randomized seed would recalibrate on every queue.
+        ("seed", "INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": False,
+                         "tooltip": "noise seed of the first prompt (prompt i uses seed + i)"}),
+        ("preset", PRESETS, {"tooltip": "W8A8: int8 weights; W4A8: int4 weights; W4A8-mixed: int4 with the most "
+                                        "sensitive layers promoted to int8 within bits_budget"}),
+        ("timestep_groups", "INT", {"default": 4, "min": 1, "max": 16,
+                                    "tooltip": "activation scales per layer, one per group of timesteps"}),
+        ("bits_budget", "FLOAT", {"default": 4.5, "min": 4.0, "max": 16.0, "step": 0.25,
+                                  "tooltip": "average weight bits (W4A8-mixed only)"}),
+        ("consistency_pass", "BOOLEAN", {"default": True, "tooltip": "refit activation scales on the quantized "
+                                                                     "model's own trajectory (one more sampling pass)"}),
+        ("memory_limit_mb", "INT", {"default": 256, "min": 16, "max": 16384,
+                                    "tooltip": "memory for captured layer inputs"}),
+    ]
+
+
+def _load_inputs():
+    import folder_paths
+
+    register_folder()
+    return [("model", "MODEL", {"tooltip": "the same checkpoint the file was calibrated on"}),
+            ("file", folder_paths.get_filename_list(FOLDER), {"tooltip": "a file in models/fidelity_quant"})]
+
+
+CALIBRATE = NodeSpec(
+    "FidelityQuantCalibrate", "Calibrate & Quantize (FidelityQuant)",
+    "Samples the calibration prompts with ComfyUI's sampler, fits int8/int4 scales per layer and timestep group, "
+    "and returns a quantized copy of the MODEL (the input MODEL is not modified).",
+    _calibrate_inputs,
+    (("MODEL", "model", "quantized MODEL: plug into KSampler"),
+     (QUANT_RESULT, "quant_result", "for Save Quantized UNet"),
+     ("STRING", "report", "calibration report")))
+SAVE = NodeSpec(
+    "FidelityQuantSave", "Save Quantized UNet (FidelityQuant)",
+    "Writes the quantization result to models/fidelity_quant/<filename>.safetensors (numbered, never overwritten).",
+    lambda: [("quant_result", QUANT_RESULT, {}),
+             ("filename", "STRING", {"default": "fidelityquant", "tooltip": "file name, without folders"})],
+    (), output_node=True)
+LOAD = NodeSpec(
+    "FidelityQuantLoad", "Load Quantized UNet (FidelityQuant)",
+    "Applies a saved quantization result to the MODEL it was made for, without calibrating.",
+    _load_inputs,
+    (("MODEL", "model", "quantized MODEL"), ("STRING", "report", "report of the loaded file")))
+COMPARE = NodeSpec(
+    "FidelityQuantCompare", "Compare Images (FidelityQuant)",
+    "PSNR and SSIM of each image against its reference, and a 4x amplified difference image.",
+    lambda: [("reference", "IMAGE", {"tooltip": "e.g. the float model's images"}),
+             ("images", "IMAGE", {"tooltip": "e.g. the quantized model's images, same seed and size"})],
+    (("STRING", "report", "PSNR / SSIM per image and mean"), ("IMAGE", "difference", "|images - reference| x 4")),
+    output_node=True)
+SPECS = (CALIBRATE, SAVE, LOAD, COMPARE)
+
+
+def _v1_input_types(spec: NodeSpec) -> dict:
+    return {"required": {name: (kind, opts) if opts else (kind,) for name, kind, opts in spec.inputs()}}
+
+
+# --- V1 node API ------------------------------------------------------------------------------------------
+
+class _V1Node:
+    SPEC: NodeSpec
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _v1_input_types(cls.SPEC)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.RETURN_TYPES = tuple(kind for kind, _, _ in cls.SPEC.outputs)
+        cls.RETURN_NAMES = tuple(name for _, name, _ in cls.SPEC.outputs)
+        cls.OUTPUT_TOOLTIPS = tuple(tip for _, _, tip in cls.SPEC.outputs)
+        cls.OUTPUT_NODE = cls.SPEC.output_node
+        cls.DESCRIPTION = cls.SPEC.description
+
+
+class CalibrateAndQuantize(_V1Node):
     """Calibrate on the real sampler's trajectory and return a quantized MODEL (the input is not modified)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        import comfy.samplers
-
-        return {"required": {
-            "model": ("MODEL",),
-            "clip": ("CLIP",),
-            "prompts": ("STRING", {"multiline": True, "default": DEFAULT_PROMPTS,
-                                   "tooltip": "calibration prompts, one per line"}),
-            "negative": ("STRING", {"multiline": True, "default": ""}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 200}),
-            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.1}),
-            "sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
-            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
-            "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
-            "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
-            "preset": (["W8A8", "W4A8", "W4A8-mixed"],),
-            "timestep_groups": ("INT", {"default": 4, "min": 1, "max": 16}),
-            "bits_budget": ("FLOAT", {"default": 4.5, "min": 4.0, "max": 16.0, "step": 0.25,
-                                      "tooltip": "average weight bits (W4A8-mixed only)"}),
-            "consistency_pass": ("BOOLEAN", {"default": True}),
-            "memory_limit_mb": ("INT", {"default": 256, "min": 16, "max": 16384}),
-        }}
-
-    RETURN_TYPES = ("MODEL", QUANT_RESULT, "STRING")
-    RETURN_NAMES = ("model", "quant_result", "report")
+    SPEC = CALIBRATE
     FUNCTION = "run"
-    CATEGORY = CATEGORY
 
-    def run(self, model, clip, prompts, negative, steps, cfg, sampler_name, scheduler, width, height, seed,
-            preset, timestep_groups, bits_budget, consistency_pass, memory_limit_mb):
-        import comfy.model_management
-        import comfy.utils
-
-        from quant_core.quantize import quantize
-
-        lines = [p.strip() for p in prompts.splitlines() if p.strip()]
-        if not lines:
-            raise ValueError("FidelityQuant: give at least one calibration prompt (one per line)")
-        encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))  # noqa: E731
-        negative_cond = encode(negative)
-        runner = ComfySamplerRunner(model, [(encode(p), negative_cond) for p in lines], steps, cfg, sampler_name,
-                                    scheduler, width, height, seed)
-        options = {"timestep_groups": timestep_groups, "consistency_pass": consistency_pass,
-                   "memory_limit_mb": memory_limit_mb}
-        if preset == "W4A8-mixed":
-            options["bits_budget"] = bits_budget
-        bar = comfy.utils.ProgressBar(1)
-
-        def progress(done, total):
-            bar.update_absolute(done, total)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-
-        result = quantize(diffusion_model_of(model), runner, make_preset(preset, **options), progress=progress)
-        report = result.summary()
-        return {"ui": {"text": [report]}, "result": (quantized_model(model, result), result, report)}
+    def run(self, **inputs):
+        model, result, report = calibrate_and_quantize(**inputs)
+        return {"ui": {"text": [report]}, "result": (model, result, report)}
 
 
-class SaveQuantizedUNet:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"quant_result": (QUANT_RESULT,),
-                             "filename": ("STRING", {"default": "fidelityquant"})}}
-
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
+class SaveQuantizedUNet(_V1Node):
+    SPEC = SAVE
     FUNCTION = "save"
-    CATEGORY = CATEGORY
 
     def save(self, quant_result, filename):
-        import folder_paths
-
-        register_folder()
-        stem = Path(filename).stem or "fidelityquant"
-        if Path(filename).name != filename or stem.startswith("."):
-            raise ValueError(f"FidelityQuant: {filename!r} must be a plain file name (no folders)")
-        folder = folder_paths.get_folder_paths(FOLDER)[0]
-        path = Path(folder) / f"{stem}.safetensors"
-        counter = 1
-        while path.exists():  # never overwrite silently: number new files instead
-            path = Path(folder) / f"{stem}_{counter:05d}.safetensors"
-            counter += 1
-        save_result(quant_result, path)
-        return {"ui": {"text": [f"saved {path.name}"]}}
+        return {"ui": {"text": [save_quantized(quant_result, filename)]}}
 
 
-class LoadQuantizedUNet:
-    @classmethod
-    def INPUT_TYPES(cls):
-        import folder_paths
-
-        register_folder()
-        return {"required": {"model": ("MODEL",), "file": (folder_paths.get_filename_list(FOLDER),)}}
-
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "report")
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
+class LoadQuantizedUNet(_V1Node):
+    SPEC = LOAD
+    FUNCTION = "load_with_report"  # ComfyUI calls this; ``load`` keeps returning the plain tuple
 
     def load(self, model, file):
-        import folder_paths
+        return load_quantized(model, file)
 
-        register_folder()
-        result = load_result(folder_paths.get_full_path_or_raise(FOLDER, file), diffusion_model_of(model))
-        return (quantized_model(model, result), result.summary())
+    def load_with_report(self, model, file):
+        model, report = load_quantized(model, file)
+        return {"ui": {"text": [report]}, "result": (model, report)}
 
 
-class CompareImages:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"reference": ("IMAGE",), "images": ("IMAGE",)}}
-
-    RETURN_TYPES = ("STRING", "IMAGE")
-    RETURN_NAMES = ("report", "difference")
+class CompareImages(_V1Node):
+    SPEC = COMPARE
     FUNCTION = "compare"
-    CATEGORY = CATEGORY
 
     def compare(self, reference, images):
-        a, b = reference.movedim(-1, 1).float(), images.movedim(-1, 1).float()  # IMAGE is (B, H, W, C)
-        if a.shape != b.shape:
-            raise ValueError(f"FidelityQuant: images differ in size/batch: {tuple(reference.shape)} vs {tuple(images.shape)}")
-        psnr, ssim = metrics.psnr(b, a).clamp(max=99), metrics.ssim(b, a)
-        lines = [f"image {i}: PSNR {p:.2f} dB, SSIM {s:.4f}" for i, (p, s) in enumerate(zip(psnr.tolist(), ssim.tolist()))]
-        lines.append(f"mean: PSNR {psnr.mean():.2f} dB, SSIM {ssim.mean():.4f}")
-        difference = ((images - reference).abs() * 4).clamp(0, 1)
-        report = "\n".join(lines)
+        report, difference = compare_images(reference, images)
         return {"ui": {"text": [report]}, "result": (report, difference)}
 
 
-NODE_CLASS_MAPPINGS = {
-    "FidelityQuantCalibrate": CalibrateAndQuantize,
-    "FidelityQuantSave": SaveQuantizedUNet,
-    "FidelityQuantLoad": LoadQuantizedUNet,
-    "FidelityQuantCompare": CompareImages,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "FidelityQuantCalibrate": "Calibrate & Quantize (FidelityQuant)",
-    "FidelityQuantSave": "Save Quantized UNet (FidelityQuant)",
-    "FidelityQuantLoad": "Load Quantized UNet (FidelityQuant)",
-    "FidelityQuantCompare": "Compare Images (FidelityQuant)",
-}
+NODE_CLASS_MAPPINGS = {cls.SPEC.node_id: cls for cls in (CalibrateAndQuantize, SaveQuantizedUNet, LoadQuantizedUNet,
+                                                          CompareImages)}
+NODE_DISPLAY_NAME_MAPPINGS = {spec.node_id: spec.display_name for spec in SPECS}

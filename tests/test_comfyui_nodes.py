@@ -13,6 +13,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+NODE_IDS = {"FidelityQuantCalibrate", "FidelityQuantSave", "FidelityQuantLoad", "FidelityQuantCompare"}
 
 
 def _comfy():
@@ -43,8 +44,9 @@ def env():
     pack = importlib.util.module_from_spec(spec)
     sys.modules["fidelityquant_pack"] = pack
     spec.loader.exec_module(pack)
-    assert set(pack.NODE_CLASS_MAPPINGS) == {"FidelityQuantCalibrate", "FidelityQuantSave", "FidelityQuantLoad",
-                                             "FidelityQuantCompare"}
+    assert set(pack.nodes.fidelity_nodes.NODE_CLASS_MAPPINGS) == NODE_IDS
+    # Exactly one API is exported: ComfyUI would ignore comfy_entrypoint next to NODE_CLASS_MAPPINGS.
+    assert hasattr(pack, "comfy_entrypoint") != hasattr(pack, "NODE_CLASS_MAPPINGS")
     return comfy, folder_paths, pack
 
 
@@ -131,6 +133,8 @@ def test_calibrate_quantize_patches_a_clone_and_stays_close(env, tmp_path):
     saver.save(result, "tiny")  # never overwrites: a numbered second file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors", "tiny_00001.safetensors"]
     loaded, _ = pack.nodes.fidelity_nodes.LoadQuantizedUNet().load(model, "tiny.safetensors")
+    shown = pack.nodes.fidelity_nodes.LoadQuantizedUNet().load_with_report(model, "tiny.safetensors")
+    assert shown["ui"]["text"] == [shown["result"][1]] and "W8A8" in shown["result"][1]  # what ComfyUI (V1) calls
     assert torch.equal(_sample(comfy, loaded), quant)
 
     # A LoRA-style weight patch on the quantized MODEL: merged by ComfyUI through our convert_weight /
@@ -190,3 +194,32 @@ def test_compare_images_node(env):
     assert out[1].shape == a.shape
     with pytest.raises(ValueError, match="differ in size"):
         pack.nodes.fidelity_nodes.CompareImages().compare(a, b[:1])
+
+
+def test_v3_nodes_mirror_the_v1_nodes(env):
+    """The V3 schemas come from the same declarations as the V1 classes and call the same functions."""
+    import asyncio
+
+    _, _, pack = env
+    try:
+        from comfy_api.latest import io
+    except ImportError as exc:
+        pytest.skip(f"this ComfyUI has no V3 node API (comfy_api.latest): {exc}")
+    assert hasattr(pack, "comfy_entrypoint") and not hasattr(pack, "NODE_CLASS_MAPPINGS")
+    nodes = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
+    v1 = pack.nodes.fidelity_nodes.NODE_CLASS_MAPPINGS
+    assert {n.GET_SCHEMA().node_id for n in nodes} == NODE_IDS
+    for node in nodes:
+        info, old = node.GET_NODE_INFO_V1(), v1[node.GET_SCHEMA().node_id]
+        assert issubclass(node, io.ComfyNode)
+        assert info["input_order"]["required"] == list(old.INPUT_TYPES()["required"]), info["name"]
+        assert tuple(info["output"]) == old.RETURN_TYPES and tuple(info["output_name"]) == old.RETURN_NAMES
+        assert info["output_node"] == bool(old.OUTPUT_NODE) and info["category"] == "FidelityQuant"
+    seed = dict(nodes[0].GET_NODE_INFO_V1()["input"]["required"])["seed"]
+    assert seed[1]["control_after_generate"] is False  # a randomized seed would recalibrate on every queue
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 16, 16, 3, generator=gen)
+    compare = next(n for n in nodes if n.GET_SCHEMA().node_id == "FidelityQuantCompare")
+    out = compare.execute(reference=a, images=(a + 0.01).clamp(0, 1))
+    assert out.ui["text"][0] == out.result[0] and "mean: PSNR" in out.result[0]
