@@ -1,8 +1,8 @@
 """Quantized layers: QuantLinear and QuantConv2d (W8A8 and W4A8).
 
-Storage (registered tensors, so ``state_dict()`` shows the real bytes). ``weight`` is a frozen
-``nn.Parameter`` because ComfyUI only loads, moves and weight-patches (LoRA) modules that own
-parameters; everything else is a buffer:
+Storage (registered tensors, so ``state_dict()`` shows the real bytes). ``weight`` and ``bias`` are
+frozen ``nn.Parameter``s because ComfyUI only loads, moves and weight-patches (LoRA) a module's
+parameters (a LoRA's bias diff on a buffer would be silently dropped); everything else is a buffer:
 
     weight              int8 codes (W8: the float weight's shape) or packed int4 (W4: uint8 (N, K/2))
     weight_group_scale  W4 only: uint8 (N, K/group_size), integer group scales in [1, 16]
@@ -12,6 +12,17 @@ parameters; everything else is a buffer:
 
 The current timestep group comes from a :class:`StepContext` that all layers of one model share;
 the model-level wrapper sets it once per UNet call.
+
+Weight patches (LoRA). ComfyUI merges a patch by weight key: ``convert_weight`` turns stored codes
+into the float weight, ComfyUI adds the patch, ``set_weight`` requantizes onto the layer's existing
+(calibrated, fixed) scales. In low-VRAM mode ComfyUI instead leaves the layer offloaded and puts
+patch functions in ``weight_function`` / ``bias_function`` (only for modules that have a
+``comfy_cast_weights`` attribute); ``forward`` applies them. Plain attribute names, no ComfyUI import.
+
+Activation-range check. Merged weights keep the calibrated activation scales. After the weights may
+have changed (``StepContext.weights_epoch`` bumped with ``check_ranges`` set), each static layer
+measures, once per timestep group, how much of its input falls outside its calibrated range (one
+extra reduction on that call only); :meth:`QuantResult.finish_call` turns that into a warning.
 """
 from __future__ import annotations
 
@@ -37,6 +48,38 @@ class StepContext:
         self.group = 0
         self.timesteps = None
         self.time_rows = None
+        # Bumped whenever the weights may have changed (e.g. a ComfyUI load with LoRA patches): time
+        # lookups re-verify their tables and, with ``check_ranges``, layers re-measure their input
+        # range once per group. Comparing this int is the only per-call cost.
+        self.weights_epoch = 0
+        self.check_ranges = False
+        self.range_pending = False  # a layer measured during the current call
+
+
+class RangeStats:
+    """How a layer's input compares to its calibrated static range in one timestep group.
+
+    ``clipped_energy``: ||x - clamp(x)||^2 / ||x||^2, the share of the input's energy cut off by the
+    range limit; ``outside``: fraction of elements beyond it; ``ratio``: max |x| / range limit.
+    """
+
+    __slots__ = ("group", "clipped_energy", "outside", "ratio")
+
+    def __init__(self, group: int, clipped_energy: float, outside: float, ratio: float) -> None:
+        self.group, self.clipped_energy, self.outside, self.ratio = group, clipped_energy, outside, ratio
+
+    def as_dict(self) -> dict:
+        return {"group": self.group, "clipped_energy": self.clipped_energy, "outside": self.outside,
+                "ratio": self.ratio}
+
+
+def measure_range(x: torch.Tensor, scale: torch.Tensor, group: int) -> RangeStats:
+    limit = float(scale) * kernels.ACT_QMAX
+    a = x.detach().float().abs()
+    total = float(a.pow(2).sum()) or 1.0
+    over = (a - limit).clamp_min_(0)
+    return RangeStats(group, float(over.pow(2).sum()) / total, float((over > 0).float().mean()),
+                      float(a.amax()) / limit if limit > 0 else float("inf"))
 
 
 class _QuantLayer(nn.Module):
@@ -65,10 +108,20 @@ class _QuantLayer(nn.Module):
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.register_buffer("act_scale", torch.empty(act_groups, dtype=torch.float32, device=device))
         if has_bias:
-            self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32, device=device))
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device), requires_grad=False)
         else:
             self.bias = None
         self.context = StepContext()
+        # ComfyUI low-VRAM protocol (see module docstring): patch functions applied in forward.
+        self.comfy_cast_weights = False
+        self.weight_function: list = []
+        self.bias_function: list = []
+        self.range_stats: dict = {}  # group -> RangeStats of the current weights epoch
+        self._range_epoch = -1
+        self._calibrated_scale = None   # set while a merged patch grew some channel scales
+        self._scale_owner = None        # (codes Parameter, its version, checksum) the grown scale belongs to
+        self._returned_scale = None     # (codes, scale) of the last set_weight(return_weight=True)
+        self.patch_info: dict = {}
         self.keep_unpacked = False  # W4: keep the exact int8 copy after first use (speed over memory)
         self._derived: dict = {}
         self._backend: dict = {}
@@ -99,29 +152,111 @@ class _QuantLayer(nn.Module):
 
     # ---------------------------------------------------------------- ComfyUI weight patches (LoRA)
     # ComfyUI merges a LoRA by weight key: convert_weight gives it our float weight, it adds the
-    # patch, set_weight stores the result. Only the codes change: every scale stays as calibrated, so
-    # restoring the backed-up `weight` tensor on unpatch restores the exact quantized layer.
+    # patch, set_weight stores the result. The calibrated scales are kept; only rows whose merged
+    # weight would saturate get a larger channel scale, and that scale belongs to the patched codes
+    # tensor: once ComfyUI restores the backed-up codes (a different tensor, or an in-place copy
+    # noticed at the next weights epoch), the calibrated scale is back, so unpatching is exact.
+
+    GROW_TOLERANCE = 1e-4  # a row grows only if its merged max exceeds the range by more than this (relative)
 
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
-        """The float weight this layer represents (ComfyUI hands us a float copy of our stored codes)."""
-        return self.dequantize_weight().to(weight.device)
+        """Float weight (layer shape, float32) for stored codes ``weight`` (ComfyUI passes a float copy of them).
+
+        Dequantizes the codes it is given, on the calibrated scales, not ``self.weight``: ComfyUI
+        hands over the unpatched codes (also backed-up ones, e.g. ``get_key_patches`` for merging).
+        """
+        return self.dequantize_codes(weight, self.calibrated_weight_scale())
 
     def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
                    **kwargs):
-        """Requantize a merged float weight onto this layer's existing scales."""
-        codes = self.requantize_codes(weight)
-        if return_weight:
+        """Requantize a merged float weight: calibrated scales, grown only for rows that would saturate."""
+        self._sync_scale()
+        base = self.calibrated_weight_scale()
+        scale = self.merge_scale(weight, base)
+        codes = self.requantize_codes(weight, scale)
+        grown = scale is not base
+        self.patch_info = {"grown_rows": int((scale > base).sum()) if grown else 0,
+                           "max_growth": float((scale / base.clamp_min(1e-30)).max()) if grown else 1.0}
+        if return_weight:  # low-VRAM path: codes for one call; forward picks up the matching scale
+            self._returned_scale = (codes, scale) if grown else None
             return codes
         if inplace_update:
-            self.weight.data.copy_(codes)
+            with torch.no_grad():
+                self.weight.copy_(codes)  # (not .data: the version bump invalidates derived caches)
         else:
             self.weight = nn.Parameter(codes, requires_grad=False)
+        if grown:
+            if self._calibrated_scale is None:
+                self._calibrated_scale = self.weight_scale
+            self._buffers["weight_scale"] = scale
+            self._scale_owner = (self.weight, self.weight._version, self._checksum(self.weight))
+        else:
+            self._restore_calibrated_scale()
         return None
 
-    def requantize_codes(self, weight: torch.Tensor) -> torch.Tensor:
-        """Codes for a float weight of this layer's shape with the current (fixed) scales; out-of-range values saturate."""
-        w2d = weight.detach().to(self.weight_scale.device, torch.float32).reshape(self.weight_scale.shape[0], -1)
-        scale = self.weight_scale.float().unsqueeze(1)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._sync_scale(deep=True)  # never save restored codes with a grown scale
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def calibrated_weight_scale(self) -> torch.Tensor:
+        return self._calibrated_scale if self._calibrated_scale is not None else self.weight_scale
+
+    def merge_scale(self, weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """``base``, or a copy with larger entries for the rows of ``weight`` that exceed its range."""
+        w2d = weight.detach().to(torch.float32).reshape(base.shape[0], -1)
+        base_f = base.to(w2d.device, torch.float32)
+        if self.weight_bits == 8:
+            need = w2d.abs().amax(1) / formats.INT8_QMAX
+        else:
+            rows, n_groups = self.weight_group_scale.shape
+            k_pad = n_groups * self.group_size
+            if k_pad != w2d.shape[1]:
+                w2d = F.pad(w2d, (0, k_pad - w2d.shape[1]))
+            group_max = w2d.view(rows, n_groups, self.group_size).abs().amax(2)
+            gs = self.weight_group_scale.to(w2d.device, torch.float32).clamp_min(1)
+            need = (group_max / (gs * formats.INT4_QMAX)).amax(1)
+        grow = need > base_f * (1 + self.GROW_TOLERANCE)
+        if not bool(grow.any()):
+            return base
+        return torch.where(grow, need, base_f).to(base.dtype).to(base.device)
+
+    @staticmethod
+    def _checksum(codes: torch.Tensor) -> int:
+        return int(codes.detach().reshape(-1).to(torch.int64).sum()) ^ int(codes.detach().reshape(-1)[::97].to(torch.int64).sum()) << 20
+
+    def _restore_calibrated_scale(self) -> None:
+        if self._calibrated_scale is not None:
+            self._buffers["weight_scale"] = self._calibrated_scale
+        self._calibrated_scale = None
+        self._scale_owner = None
+
+    def _sync_scale(self, deep: bool = False) -> None:
+        """Drop a grown scale once its codes are gone (ComfyUI restored the backup). ``deep`` also
+        catches an in-place restore (``.data.copy_`` leaves no version trace) by checksum."""
+        owner = self._scale_owner
+        if owner is None:
+            return
+        if owner[0] is not self.weight or owner[0]._version != owner[1] or (
+                deep and self._checksum(self.weight) != owner[2]):
+            self._restore_calibrated_scale()
+
+    def dequantize_codes(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 weight (layer shape) for codes in this layer's storage format (given in any dtype)."""
+        codes = codes.detach()
+        if codes.dtype != self.weight.dtype:
+            codes = codes.round().to(self.weight.dtype) if codes.is_floating_point() else codes.to(self.weight.dtype)
+        scale = (self.weight_scale if scale is None else scale).to(codes.device, torch.float32).unsqueeze(1)
+        if self.weight_bits == 8:
+            w8 = codes.reshape(codes.shape[0], -1)
+        else:
+            w8 = formats.int4_to_int8(codes, self.weight_group_scale.to(codes.device), self.reduce_dim)
+        return (w8.to(torch.float32) * scale).view(self.weight_shape)
+
+    def requantize_codes(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes for a float weight of this layer's shape with the given (default: current) channel
+        scales and the fixed group scales; out-of-range values saturate."""
+        w2d = weight.detach().to(torch.float32).reshape(self.weight_scale.shape[0], -1)
+        scale = (self.weight_scale if scale is None else scale).to(w2d.device, torch.float32).unsqueeze(1)
         if self.weight_bits == 8:
             codes = torch.round(w2d / scale).clamp_(-formats.INT8_QMAX, formats.INT8_QMAX).to(torch.int8)
             return codes.view(self.weight.shape)
@@ -129,7 +264,7 @@ class _QuantLayer(nn.Module):
         k_pad = n_groups * self.group_size
         if k_pad != w2d.shape[1]:
             w2d = F.pad(w2d, (0, k_pad - w2d.shape[1]))
-        step = scale.unsqueeze(2) * self.weight_group_scale.float().unsqueeze(2)
+        step = scale.unsqueeze(2) * self.weight_group_scale.to(w2d.device, torch.float32).unsqueeze(2)
         q4 = torch.round(w2d.view(rows, n_groups, self.group_size) / step)
         q4 = q4.clamp_(formats.INT4_QMIN, formats.INT4_QMAX).to(torch.int8).view(rows, k_pad)
         return formats.pack_int4(q4, self.group_size)
@@ -140,12 +275,13 @@ class _QuantLayer(nn.Module):
         Keyed on the buffers' storage and version so that a later ``copy_`` or ``load_state_dict``
         (e.g. a LoRA merge) invalidates it.
         """
-        key = key + (self.weight.data_ptr(), self.weight._version, self.weight_scale._version)
+        key = key + (self.weight._version, self.weight_scale._version)
         hit = self._derived.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+        # Identity, not data_ptr: a freed patched tensor's address can be reused by the next patch.
+        if hit is not None and hit[0] == key and hit[1] is self.weight and hit[2] is self.weight_scale:
+            return hit[3]
         value = build()
-        self._derived[name] = (key, value)
+        self._derived[name] = (key, self.weight, self.weight_scale, value)
         return value
 
     def int8_weight_2d(self) -> torch.Tensor:
@@ -186,22 +322,60 @@ class _QuantLayer(nn.Module):
         bias = None if self.bias is None else self.bias.to(device, torch.float32)
         return self.weight_scale.to(device, torch.float32), bias
 
-    def _forward_on_other_device(self, x: torch.Tensor) -> torch.Tensor:
-        """ComfyUI's low-VRAM mode can leave this layer in system RAM while activations are on the GPU.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.context
+        if self._range_epoch != ctx.weights_epoch:  # once per weights epoch (per load in ComfyUI)
+            self._range_epoch = ctx.weights_epoch
+            self.range_stats = {}
+            self._derived = {}  # an in-place restore leaves no version trace: rebuild caches once
+            self._sync_scale(deep=True)
+        elif self._scale_owner is not None:
+            self._sync_scale()
+        if ctx.check_ranges and ctx.group not in self.range_stats and not self.is_dynamic:
+            self.range_stats[ctx.group] = measure_range(x, self.current_act_scale(), ctx.group)
+            ctx.range_pending = True
+        if self.weight_function or self.bias_function or self.weight.device != x.device:
+            return self._forward_swapped(x)
+        return self._run(x)
 
-        Run on temporary copies of the buffers and put the originals back, so offloading still
-        saves memory and no derived cache keeps a copy alive.
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _patched_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Apply ComfyUI's run-time weight functions (low-VRAM LoRA patches, weight wrappers) to ``codes``."""
+        for fn in self.weight_function:
+            if hasattr(fn, "patches") and hasattr(fn, "convert_func"):
+                codes = fn(codes)  # LowVramPatch: takes stored codes, calls our convert/set itself
+            else:  # a plain weight wrapper expects and returns a float weight
+                codes = self.requantize_codes(fn(self.dequantize_codes(codes)))
+        return codes
+
+    def _forward_swapped(self, x: torch.Tensor) -> torch.Tensor:
+        """Run on temporary tensors: ComfyUI's low-VRAM mode can leave this layer in system RAM while
+        activations are on the GPU, and can attach LoRA patches as run-time weight functions.
+
+        The originals are put back afterwards, so offloading still saves memory, the stored codes
+        stay the unpatched ones and no derived cache keeps a temporary copy alive.
         """
         saved_buffers, saved_params, saved_derived = dict(self._buffers), dict(self._parameters), self._derived
         try:
             for name, tensor in saved_buffers.items():
-                if tensor is not None:
+                if tensor is not None and tensor.device != x.device:
                     self._buffers[name] = tensor.to(x.device, non_blocking=True)
-            for name, param in saved_params.items():
-                if param is not None:
-                    self._parameters[name] = nn.Parameter(param.to(x.device, non_blocking=True), requires_grad=False)
+            self._returned_scale = None
+            codes = self._patched_codes(self.weight.to(x.device, non_blocking=True))
+            returned = self._returned_scale
+            if returned is not None and returned[0] is codes:  # a low-VRAM patch grew some rows
+                self._buffers["weight_scale"] = returned[1].to(x.device)
+            self._returned_scale = None
+            self._parameters["weight"] = nn.Parameter(codes.to(self.weight.dtype), requires_grad=False)
+            if self.bias is not None:
+                bias = self.bias.to(x.device, non_blocking=True)
+                for fn in self.bias_function:
+                    bias = fn(bias)
+                self._parameters["bias"] = nn.Parameter(bias.to(torch.float32), requires_grad=False)
             self._derived = {}
-            return self.forward(x)
+            return self._run(x)
         finally:
             self._buffers.update(saved_buffers)
             self._parameters.update(saved_params)
@@ -253,9 +427,7 @@ class QuantLinear(_QuantLayer):
     def backend(self) -> str:
         return self.backend_for(self.weight.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.device != x.device:
-            return self._forward_on_other_device(x)
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend_for(x.device)
         x2d = x.reshape(-1, self.in_features)
         w8 = self.int8_weight_2d()
@@ -347,9 +519,7 @@ class QuantConv2d(_QuantLayer):
     def _int8_weight_4d(self) -> torch.Tensor:
         return self.int8_weight_2d().view(self.weight_shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.device != x.device:
-            return self._forward_on_other_device(x)
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
         out_h, out_w = self.out_hw(height, width)
         backend = self._last_backend = self.backend_for(x.device, out_h * out_w)

@@ -202,8 +202,9 @@ def test_layers_hold_no_float_weight_and_report_real_bytes(bits):
     expected_keys = {"weight", "weight_scale", "act_scale", "bias"} | ({"weight_group_scale"} if bits == 4 else set())
     assert set(state) == expected_keys
     assert state["weight"].dtype == (torch.int8 if bits == 8 else torch.uint8)
-    assert [name for name, _ in layer.named_parameters()] == ["weight"]  # frozen codes: ComfyUI loads/patches it
-    assert not layer.weight.requires_grad
+    # frozen codes and bias: ComfyUI loads, moves and weight-patches (LoRA) only parameters
+    assert [name for name, _ in layer.named_parameters()] == ["weight", "bias"]
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
     weight_bytes = sum(state[k].numel() * state[k].element_size()
                        for k in ("weight", "weight_scale", "weight_group_scale") if k in state)
     ratio = weight_bytes / (1280 * 640 * 2)

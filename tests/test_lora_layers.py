@@ -1,0 +1,268 @@
+"""Weight patches (LoRA) on quantized layers and time lookups, without ComfyUI.
+
+What ComfyUI does is imitated with its documented call shapes (docs/COMFYUI_FACTS.md section 5):
+``patch_weight_to_device`` hands ``convert_weight`` a float32 copy of the stored codes and gives the
+merged weight to ``set_weight``; low-VRAM mode puts a ``LowVramPatch`` (an object with ``patches``
+and ``convert_func``) in ``weight_function``. The real thing is tested in tests/test_comfyui_lora.py.
+"""
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from quant_core import modules
+from quant_core.config import QuantConfig
+from quant_core.modules import QuantConv2d, QuantLinear
+from quant_core.result import CLIPPED_ENERGY_WARN, QuantResult
+from quant_core.timetables import TimeTableLookup
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _layer(kind, bits, seed=0):
+    torch.manual_seed(seed)
+    if kind == "linear":
+        flt, x = nn.Linear(320, 320), torch.randn(64, 320)
+        with torch.no_grad():
+            flt.weight.normal_(0, 320 ** -0.5)  # bell-shaped like trained weights (not nn.Linear's uniform)
+        q = QuantLinear.from_float(flt, weight_bits=bits, group_size=64, act_scales=[float(x.abs().amax()) / 127])
+    else:
+        flt, x = nn.Conv2d(64, 96, 3, padding=1), torch.randn(2, 64, 8, 8)
+        with torch.no_grad():
+            flt.weight.normal_(0, (64 * 9) ** -0.5)
+        q = QuantConv2d.from_float(flt, weight_bits=bits, group_size=64, act_scales=[float(x.abs().amax()) / 127])
+    return flt, q, x
+
+
+def _lora_delta(weight, rank=16, seed=1, size=0.3):
+    """A rank-``rank`` update whose norm is ``size`` x the weight's (a strong but realistic LoRA)."""
+    gen = torch.Generator().manual_seed(seed)
+    w2d = weight.reshape(weight.shape[0], -1)
+    up, down = torch.randn(w2d.shape[0], rank, generator=gen), torch.randn(rank, w2d.shape[1], generator=gen)
+    delta = up @ down
+    return (delta * (size * w2d.norm() / delta.norm())).view(weight.shape)
+
+
+class FakeLowVramPatch:
+    """ComfyUI's LowVramPatch contract (comfy/model_patcher.py:125): codes in, codes out via convert/set."""
+
+    def __init__(self, delta, convert_func, set_func):
+        self.patches, self.convert_func, self.set_func, self.delta = {}, convert_func, set_func, delta
+
+    def __call__(self, codes):
+        weight = self.convert_func(codes.to(torch.float32, copy=True), inplace=True)
+        return self.set_func(weight + self.delta, seed=0, return_weight=True)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_merged_lora_error_stays_at_the_quantization_error(kind, bits):
+    """Requantizing a merged weight on the fixed scales costs about what quantizing cost in the first place."""
+    flt, q, x = _layer(kind, bits)
+    delta = _lora_delta(flt.weight.detach())
+    base_err = rel(q(x), flt(x).detach())
+    with torch.no_grad():
+        flt.weight += delta
+    q.set_weight(q.convert_weight(q.weight.float()) + delta)
+    merged_err = rel(q(x), flt(x).detach())
+    print(f"{kind} W{bits}: output error without LoRA {base_err:.4f}, with a 0.3-norm LoRA merged {merged_err:.4f}")
+    # Measured (linear / conv): W8 0.0130 -> 0.0146 / 0.0106 -> 0.0110; W4 0.112 -> 0.163 / 0.074 -> 0.104.
+    # The merge rounds the LoRA's delta onto the weight grid once more: an independent error of the
+    # same size as the first rounding, so the weight part of the error grows by up to sqrt(2) (W4,
+    # where weight rounding dominates); W8's error is dominated by activations. Rows the delta pushes
+    # past the range get a larger scale instead of saturating (without that W8 went to 0.097 at
+    # LoRA norm 1.0). Bound: sqrt(2) plus 10% margin.
+    assert base_err * 0.9 < merged_err < 1.6 * base_err
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_saturating_rows_grow_their_scale_and_unpatch_restores_it(inplace):
+    flt, q, x = _layer("linear", 8)
+    original, calibrated, base_out = q.weight.detach().clone(), q.weight_scale.clone(), q(x)
+    dequant = q.convert_weight(original.float())
+    delta = torch.zeros_like(dequant)
+    delta[3] = dequant[3].abs().amax() * 2  # row 3 now needs 3x its range
+    backup = original.clone() if inplace else q.weight  # what ComfyUI's backup holds (copy only when in place)
+    q.set_weight(dequant + delta, inplace_update=inplace)
+    assert q.patch_info["grown_rows"] == 1 and q.patch_info["max_growth"] > 2.9
+    assert torch.equal(q.weight_scale[:3], calibrated[:3]) and q.weight_scale[3] > 2.9 * calibrated[3]
+    assert rel(q.dequantize_weight(), dequant + delta) < 0.01  # row 3 is represented, not clipped
+    assert torch.equal(q.convert_weight(original.float()), dequant)  # backups still dequantize right
+    # ComfyUI's unpatch: a new Parameter around the backup, or an in-place copy into ours
+    if inplace:
+        q.weight.data.copy_(backup)  # copy_to_param: no version bump, caught once per weights epoch
+        q.context.weights_epoch += 1
+    else:
+        q.weight = nn.Parameter(backup, requires_grad=False)
+    assert torch.equal(q(x), base_out) and torch.equal(q.weight_scale, calibrated)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_convert_weight_uses_the_codes_it_is_given(bits):
+    """ComfyUI passes backed-up codes too (get_key_patches while a LoRA is merged): dequantize those."""
+    flt, q, _ = _layer("linear", bits)
+    original = q.weight.detach().clone()
+    reference = q.dequantize_weight()
+    q.set_weight(reference + _lora_delta(flt.weight.detach()))
+    assert not torch.equal(q.weight, original)
+    assert torch.equal(q.convert_weight(original.float(), inplace=True), reference)
+    assert torch.equal(q.convert_weight(original), reference)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_repeated_patch_unpatch_with_changing_strengths_is_bit_identical(bits):
+    flt, q, x = _layer("linear", bits)
+    original, base_out = q.weight.detach().clone(), q(x)
+    dequant = q.convert_weight(original.float())
+    delta = _lora_delta(flt.weight.detach())
+    outs = {}
+    for _ in range(3):
+        for strength in (1.0, -1.0, 0.5, 0.0, 2.0):
+            q.set_weight(dequant + strength * delta)  # what calculate_weight hands set_weight
+            outs.setdefault(strength, q(x))
+            assert torch.equal(outs[strength], q(x))  # same strength -> same result every time
+            if strength == 0.0:
+                assert torch.equal(q.weight, original)  # zero strength == no LoRA, exactly
+            q.weight = nn.Parameter(original.clone(), requires_grad=False)  # ComfyUI's unpatch: restore backup
+            assert torch.equal(q(x), base_out)
+    assert not torch.equal(outs[1.0], outs[-1.0]) and not torch.equal(outs[1.0], base_out)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_low_vram_weight_function_matches_merging(bits):
+    """Low-VRAM mode: the patch runs per call on temporary codes; same result as merging, codes untouched."""
+    flt, q, x = _layer("linear", bits)
+    delta = _lora_delta(flt.weight.detach())
+    original = q.weight.detach().clone()
+    q.weight_function = [FakeLowVramPatch(delta, q.convert_weight, q.set_weight)]
+    bias_delta = torch.randn(q.bias.shape) * 0.1
+    q.bias_function = [lambda b: b + bias_delta]
+    low_vram = q(x)
+    assert torch.equal(q.weight, original)
+    q.weight_function, q.bias_function = [], []
+    q.set_weight(q.convert_weight(original.float()) + delta)
+    q.bias = nn.Parameter(q.bias + bias_delta, requires_grad=False)  # set_attr_param on the bias key
+    assert torch.equal(low_vram, q(x))
+    # a plain weight wrapper (ComfyUI add_weight_wrapper) sees and returns a float weight
+    q.weight = nn.Parameter(original.clone(), requires_grad=False)
+    seen = []
+    q.weight_function = [lambda w: seen.append(w.dtype) or w + delta]
+    assert seen == [] and q(x) is not None and seen == [torch.float32]
+
+
+def test_bias_is_a_frozen_parameter_so_bias_patches_are_not_dropped():
+    _, q, x = _layer("conv", 8)
+    assert dict(q.named_parameters()).keys() == {"weight", "bias"} and not q.bias.requires_grad
+    before = q(x)
+    q.bias = nn.Parameter(q.bias + 1.0, requires_grad=False)
+    assert torch.allclose(q(x) - before, torch.ones_like(before), atol=1e-5)
+
+
+# ---------------------------------------------------------------------- time lookups
+
+class TimeMLP(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(32, 64), nn.SiLU(), nn.Linear(64, 64))
+
+
+def _lookup():
+    torch.manual_seed(3)
+    mlp = TimeMLP()
+    inputs = torch.randn(4, 32)  # the "sinusoidal embeddings" of 4 known timesteps
+    with torch.no_grad():
+        table = mlp(inputs)
+    ctx = modules.StepContext()
+    return mlp, inputs, TimeTableLookup(mlp, table, ctx), ctx
+
+
+def test_time_lookup_keeps_the_float_keys_and_objects():
+    mlp, _, lookup, _ = _lookup()
+    assert set(lookup.state_dict()) == set(mlp.state_dict()) | {"time_table"}
+    for key, tensor in mlp.state_dict(keep_vars=True).items():
+        assert lookup.state_dict(keep_vars=True)[key] is tensor  # the same parameters: patches reach them
+    assert lookup.get_submodule("0") is mlp[0]
+
+
+def test_time_lookup_verifies_once_per_weights_epoch_and_falls_back_when_patched():
+    mlp, inputs, lookup, ctx = _lookup()
+    calls = []
+    mlp[0].register_forward_hook(lambda *a: calls.append(1))
+    ctx.time_rows = torch.tensor([1, 2])
+    x = inputs[1:3]
+    with torch.no_grad():
+        expected = mlp(x)
+        calls.clear()
+        assert torch.equal(lookup(x), expected) and calls == [1]  # first call: float, verified against table
+        assert lookup.table_verified and lookup.table_error < 1e-6  # measured 2e-7: batch-size-dependent GEMM rounding
+        for _ in range(3):
+            assert torch.allclose(lookup(x), expected, rtol=0, atol=1e-6)
+        assert calls == [1]  # then the table only
+        # a LoRA merged into the time MLP (ComfyUI replaces the parameter by key, set_attr_param)
+        key_module = lookup.get_submodule("2")
+        key_module.weight = nn.Parameter(key_module.weight + 0.01 * torch.randn_like(key_module.weight))
+        ctx.weights_epoch += 1  # once per load (QuantResult.weights_changed)
+        patched = mlp(x)
+        assert not torch.allclose(patched, expected)
+        assert torch.equal(lookup(x), patched) and lookup.table_verified is False
+        assert torch.equal(lookup(x), patched)  # stays float while patched: never the stale table
+    print(f"table vs patched MLP: relative difference {lookup.table_error:.4f}")
+
+
+def test_time_lookup_wrapping_a_module_with_its_own_parameters():
+    """diffusers' time_emb_proj is a bare Linear: a replaced parameter on the lookup must be used."""
+    torch.manual_seed(4)
+    lin, x = nn.Linear(16, 8), torch.randn(2, 16)
+    ctx = modules.StepContext()
+    lookup = TimeTableLookup(lin, lin(x).detach(), ctx)
+    assert set(lookup.state_dict()) == {"weight", "bias", "time_table"}
+    new_weight = nn.Parameter(lin.weight.detach() * 2)
+    lookup.weight = new_weight  # what set_attr_param does on the lookup's key
+    ctx.time_rows = torch.tensor([0, 1])
+    with torch.no_grad():
+        out = lookup(x)
+        assert torch.allclose(out, x @ new_weight.t() + lin.bias) and lookup.table_verified is False
+    assert lin.weight is not new_weight  # the shared float module itself was not modified
+
+
+# ---------------------------------------------------------------------- activation-range check
+
+def _result(layer):
+    return QuantResult("ldm", "sd1", QuantConfig(), {}, {"blk.proj": layer}, [[999.0]], None, {}, {"blk.proj": 8},
+                       {"layers": {}})
+
+
+def test_range_check_runs_once_and_warns_when_a_patch_pushes_inputs_out_of_range(caplog, monkeypatch):
+    _, q, x = _layer("linear", 8)
+    result = _result(q)
+    calls = []
+    real = modules.measure_range
+    monkeypatch.setattr(modules, "measure_range", lambda *a: calls.append(1) or real(*a))
+    q(x)
+    result.finish_call()
+    assert calls == [] and "activation_range" not in result.report  # nothing armed: no work, no report
+
+    result.weights_changed(patched=True)  # e.g. a LoRA load whose changes keep inputs in range
+    q(x)
+    result.finish_call()
+    findings = result.report["activation_range"]
+    assert calls == [1] and findings["checked_layers"] == 1 and not findings["outside"]
+    assert findings["max_clipped_energy"] < CLIPPED_ENERGY_WARN
+
+    result.weights_changed(patched=True)  # a patch upstream makes this layer's input 5x larger
+    with caplog.at_level(logging.WARNING, logger="fidelityquant"):
+        for _ in range(3):
+            q(5 * x)
+            result.finish_call()
+    assert calls == [1, 1]  # measured once for the group, not per call
+    findings = result.report["activation_range"]
+    assert list(findings["outside"]) == ["blk.proj"] and findings["outside"]["blk.proj"]["ratio"] > 4
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fidelityquant"]
+    assert len(warnings) == 1 and "blk.proj" in warnings[0] and "Calibrate & Quantize" in warnings[0]
+
+    result.weights_changed(patched=False)  # unpatched again: no measuring
+    q(5 * x)
+    result.finish_call()
+    assert calls == [1, 1]
