@@ -3,8 +3,17 @@
 The input MODEL is never modified: quantized layers and time lookups go in as object patches on a
 clone (ComfyUI applies them on load and undoes them on unload), and a DIFFUSION_MODEL wrapper hands
 each UNet call's timestep (0..999; APPLY_MODEL would see sigma) to the result for group routing.
+
+LoRA and other weight patches on the quantized MODEL are merged by ComfyUI itself, once per load,
+through the layers' convert_weight / set_weight (quant_core/modules.py). An ON_LOAD callback tells
+the result that the weights may have changed (comfy/model_patcher.py: ``load`` runs the ON_LOAD
+callbacks after patching weights), so time tables are re-verified and layer input ranges checked
+once, on the next call; the wrapper reports the check after that call.
 """
 from __future__ import annotations
+
+import uuid
+import weakref
 
 import torch
 
@@ -18,23 +27,97 @@ def diffusion_model_of(model):
 
 def quantized_model(model, result):
     """A clone of ``model`` whose UNet runs ``result``'s quantized layers."""
+    import comfy.model_management
     import comfy.patcher_extension
 
     from quant_core.adapters import detect_adapter
 
     unet = diffusion_model_of(model)
+    # ComfyUI unpatches lazily: the shared UNet may still hold another clone's LoRA. Load this MODEL
+    # (its own patches, as the sampler would) so the fingerprint sees the weights calibration saw.
+    comfy.model_management.load_models_gpu([model])
     result.check_compatible(unet)
     adapter = detect_adapter(unet)
+    owner = getattr(result, "_comfy_owner", None)
+    if owner is None or owner() is None:
+        result._comfy_owner = weakref.ref(model.model)
+    elif owner() is not model.model:
+        # Another model object (e.g. the checkpoint loaded again in fp16): ComfyUI merges LoRAs into the
+        # layers in place and unpatches per model object, so two models must never share layer objects.
+        unload_clones_of(owner())  # copy unpatched layers: undo the other model's lazily kept LoRA merges
+        result = result.copy()
+        result._comfy_owner = weakref.ref(model.model)
     patched = model.clone()
     for name, module in result.replacements(unet).items():
         patched.add_object_patch(f"diffusion_model.{name}", module)
+    # Weight patches already on the MODEL (order 2: LoRA -> Calibrate) are baked into the quantized
+    # layers (the fingerprint check above proved the weights match): merging them again would double
+    # them. Patches added after this node (order 1) are merged into the quantized layers as usual.
+    for key in list(patched.patches):
+        if key.startswith("diffusion_model.") and key[len("diffusion_model."):].rsplit(".", 1)[0] in result.layers:
+            del patched.patches[key]
+    fresh_weight_state(patched)
 
     def route_timestep(executor, *args, **kwargs):
         result.set_timesteps(adapter.timesteps_from_call(args, kwargs))
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
+        result.finish_call()
+        return out
+
+    def on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load):
+        result.weights_changed(patched=has_weight_patches(patcher))
 
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, route_timestep)
+    patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, WRAPPER_KEY, on_load)
     return patched
+
+
+def unload_clones_of(base_model) -> None:
+    """Unpatch and unload every loaded MODEL built on ``base_model`` (ComfyUI unpatches lazily)."""
+    import comfy.model_management as mm
+
+    for index in reversed(range(len(mm.current_loaded_models))):
+        patcher = mm.current_loaded_models[index].model
+        if patcher is not None and patcher.model is base_model:
+            mm.current_loaded_models.pop(index).model_unload()
+
+
+def drop_patches_of_quantized_layers(patcher, unet) -> None:
+    """Order 2 (LoRA -> Calibrate): the quantized layers were built from the LoRA-merged weights, so
+    the MODEL's weight patches must not be merged into them again in the consistency and evaluation
+    passes; patches on layers that stay float (shared with the float UNet) are kept."""
+    from quant_core.modules import QuantConv2d, QuantLinear
+
+    for key in list(patcher.patches):
+        if not key.startswith("diffusion_model."):
+            continue
+        owner = key[len("diffusion_model."):].rsplit(".", 1)[0]
+        try:
+            module = unet.get_submodule(owner)
+        except AttributeError:
+            continue
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            del patcher.patches[key]
+
+
+def fresh_weight_state(patcher) -> None:
+    """Give a clone that swaps modules by object patch its own ``patches_uuid``.
+
+    A clone keeps its parent's uuid (comfy/model_patcher.py:289). Switching between two loaded
+    clones with the same uuid skips unpatching and loading (``partially_load``, :867 and :876), so
+    the modules that our object patches hide keep their ``comfy_patched_weights`` flags (cleared in
+    ``unpatch_model`` only on the modules visible at that moment, :792, before object patches are
+    undone, :796). A later LoRA on the float MODEL then finds its layers flagged as patched and
+    skips them (:712): the LoRA is silently lost. Measured in tests/test_comfyui_lora.py. A fresh
+    uuid makes every switch between the float and the quantized model unpatch and load properly.
+    """
+    patcher.patches_uuid = uuid.uuid4()
+
+
+def has_weight_patches(patcher) -> bool:
+    """Whether a MODEL changes UNet weights (LoRA, merges, weight wrappers) on load."""
+    return any(key.startswith("diffusion_model.") and patches
+               for key, patches in list(patcher.patches.items()) + list(patcher.weight_wrapper_patches.items()))
 
 
 class ComfySamplerRunner:
@@ -62,6 +145,8 @@ class ComfySamplerRunner:
         model = self.model.clone()
         if unet is not diffusion_model_of(self.model):
             model.add_object_patch("diffusion_model", unet)
+            drop_patches_of_quantized_layers(model, unet)
+            fresh_weight_state(model)
         outputs = []
         for index, (positive, negative) in enumerate(self.conditionings):
             comfy.model_management.throw_exception_if_processing_interrupted()
