@@ -44,13 +44,16 @@ def outside_inference_mode():
         yield
 
 
-def unet_as_run_by(model):
-    """The UNet in the state ``model`` runs it. ComfyUI leaves the last sampled clone's object patches (for
-    example a quantized MODEL's layers) on the shared module until it loads another clone, whose
-    ``partially_load`` then undoes them (comfy/model_patcher.py:865-874): so load ``model`` first."""
-    import comfy.model_management
+def pristine_unet(model):
+    """``model``'s UNet with nothing applied to it. ComfyUI undoes a loaded clone's object patches (e.g. a
+    quantized MODEL's layers) and merged weight patches (LoRA) only lazily, when it loads another clone
+    or frees memory, so the shared module may still carry them. Unload the loaded clones of ``model``
+    (free_memory -> LoadedModel.model_unload -> ModelPatcher.detach -> unpatch_model; other models
+    stay loaded), then read it."""
+    import comfy.model_management as mm
 
-    comfy.model_management.load_models_gpu([model])
+    others = [loaded for loaded in mm.current_loaded_models if not loaded.model.is_clone(model)]
+    mm.free_memory(1e30, model.load_device, keep_loaded=others)
     return diffusion_model_of(model)
 
 
@@ -82,7 +85,7 @@ def calibrate_and_quantize(model, clip, prompts, negative, steps, cfg, sampler_n
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     with outside_inference_mode():
-        result = quantize(unet_as_run_by(model), runner, make_preset(preset, **options), progress=progress)
+        result = quantize(pristine_unet(model), runner, make_preset(preset, **options), progress=progress)
         return quantized_model(model, result), result, result.summary()
 
 
@@ -111,7 +114,7 @@ def load_quantized(model, file):
     register_folder()
     path = folder_paths.get_full_path_or_raise(FOLDER, file)
     with outside_inference_mode():
-        result = load_result(path, unet_as_run_by(model))
+        result = load_result(path, pristine_unet(model))
         return quantized_model(model, result), result.summary()
 
 
