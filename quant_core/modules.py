@@ -121,6 +121,7 @@ class _QuantLayer(nn.Module):
         self._calibrated_scale = None   # set while a merged patch grew some channel scales
         self._scale_owner = None        # (codes Parameter, its version, checksum) the grown scale belongs to
         self._returned_scale = None     # (codes, scale) of the last set_weight(return_weight=True)
+        self._merged = None             # (codes Parameter, version) written by the last set_weight
         self.patch_info: dict = {}
         self.keep_unpacked = False  # W4: keep the exact int8 copy after first use (speed over memory)
         self._derived: dict = {}
@@ -185,11 +186,12 @@ class _QuantLayer(nn.Module):
                 self.weight.copy_(codes)  # (not .data: the version bump invalidates derived caches)
         else:
             self.weight = nn.Parameter(codes, requires_grad=False)
+        self._merged = (self.weight, self.weight._version, self._checksum(self.weight))
         if grown:
             if self._calibrated_scale is None:
                 self._calibrated_scale = self.weight_scale
             self._buffers["weight_scale"] = scale
-            self._scale_owner = (self.weight, self.weight._version, self._checksum(self.weight))
+            self._scale_owner = self._merged
         else:
             self._restore_calibrated_scale()
         return None
@@ -197,6 +199,16 @@ class _QuantLayer(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._sync_scale(deep=True)  # never save restored codes with a grown scale
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    @property
+    def has_merged_patch(self) -> bool:
+        """Whether the stored codes are a merged weight patch (set_weight) that has not been restored yet.
+
+        An in-place restore (ComfyUI ``copy_to_param``) leaves no version trace; it is noticed by the
+        checksum check at the first call of the next weights epoch.
+        """
+        merged = self._merged
+        return merged is not None and merged[0] is self.weight and merged[0]._version == merged[1]
 
     def calibrated_weight_scale(self) -> torch.Tensor:
         return self._calibrated_scale if self._calibrated_scale is not None else self.weight_scale
@@ -329,6 +341,9 @@ class _QuantLayer(nn.Module):
             self.range_stats = {}
             self._derived = {}  # an in-place restore leaves no version trace: rebuild caches once
             self._sync_scale(deep=True)
+            merged = self._merged
+            if merged is not None and (merged[0] is not self.weight or self._checksum(self.weight) != merged[2]):
+                self._merged = None
         elif self._scale_owner is not None:
             self._sync_scale()
         if ctx.check_ranges and ctx.group not in self.range_stats and not self.is_dynamic:

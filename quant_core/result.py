@@ -83,6 +83,11 @@ class QuantResult:
         return QuantResult(self.family, self.variant, self.config, self.base_fingerprint, layers, self.group_keys,
                            self.time_keys, self.time_tables, self.plan, self.report)
 
+    def merged_layers(self) -> list:
+        """Layers whose codes currently hold a merged weight patch (e.g. a LoRA ComfyUI has not unpatched
+        yet: it unpatches lazily). Saving now would save the merged weights."""
+        return [name for name, layer in self.layers.items() if layer.has_merged_patch]
+
     def weights_changed(self, patched: bool = True) -> None:
         """The model's weights may have changed (call once per load, not per step).
 

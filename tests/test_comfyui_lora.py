@@ -289,7 +289,9 @@ def test_zero_strength_and_changes_take_effect_and_unpatch_is_exact(env):
             assert torch.equal(out, first.setdefault(label, out)), label
     assert torch.equal(first["none"], base["quant"])
     assert len({tuple(v.flatten()[:8].tolist()) for v in first.values()}) == 4  # all four differ
+    assert len(result.merged_layers()) == len(LORA_TARGETS)  # ComfyUI keeps the last LoRA merged (lazy unpatch)
     comfy.model_management.unload_all_models()
+    assert result.merged_layers() == []
     assert _changed(result, saved) == []  # repeated patch/unpatch: bit-identical codes, scales and biases
 
 

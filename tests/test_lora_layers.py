@@ -98,6 +98,18 @@ def test_saturating_rows_grow_their_scale_and_unpatch_restores_it(inplace):
     else:
         q.weight = nn.Parameter(backup, requires_grad=False)
     assert torch.equal(q(x), base_out) and torch.equal(q.weight_scale, calibrated)
+    assert not q.has_merged_patch  # (an in-place restore is seen by the check at the next weights epoch)
+
+
+def test_result_lists_layers_holding_a_merged_patch():
+    flt, q, _ = _layer("linear", 8)
+    result = _result(q)
+    original = q.weight
+    assert result.merged_layers() == []
+    q.set_weight(q.convert_weight(original.float()) + _lora_delta(flt.weight.detach()))
+    assert result.merged_layers() == ["blk.proj"]
+    q.weight = nn.Parameter(original.detach(), requires_grad=False)  # ComfyUI's unpatch
+    assert result.merged_layers() == []
 
 
 @pytest.mark.parametrize("bits", [8, 4])
