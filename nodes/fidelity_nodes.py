@@ -19,7 +19,7 @@ from quant_core import metrics
 from quant_core.artifact import load_result, save_result
 from quant_core.config import preset as make_preset
 
-from .patching import ComfySamplerRunner, diffusion_model_of, quantized_model
+from .patching import ComfySamplerRunner, diffusion_model_of, quantized_model, unload_clones_of
 
 CATEGORY = "FidelityQuant"
 FOLDER = "fidelity_quant"
@@ -45,15 +45,21 @@ def outside_inference_mode():
 
 
 def pristine_unet(model):
-    """``model``'s UNet with nothing applied to it. ComfyUI undoes a loaded clone's object patches (e.g. a
-    quantized MODEL's layers) and merged weight patches (LoRA) only lazily, when it loads another clone
-    or frees memory, so the shared module may still carry them. Unload the loaded clones of ``model``
-    (free_memory -> LoadedModel.model_unload -> ModelPatcher.detach -> unpatch_model; other models
-    stay loaded), then read it."""
-    import comfy.model_management as mm
+    """``model``'s UNet with nothing applied to it, for calibration (whose sampling passes then load the
+    MODEL as it runs). ComfyUI undoes a loaded clone's object patches (e.g. a quantized MODEL's layers)
+    and merged LoRA weights only lazily, when it loads another clone or frees memory, so the shared
+    module may still carry them: unload the loaded clones first (other models stay loaded)."""
+    unload_clones_of(model.model)
+    return diffusion_model_of(model)
 
-    others = [loaded for loaded in mm.current_loaded_models if not loaded.model.is_clone(model)]
-    mm.free_memory(1e30, model.load_device, keep_loaded=others)
+
+def unet_as_run_by(model):
+    """``model``'s UNet as ``model`` runs it (its own patches merged, other clones' undone), for checking a
+    saved file's fingerprint: loading a clone undoes the previous one's patches first (partially_load,
+    comfy/model_patcher.py:865-874). ``quantized_model`` loads the same way before its own check."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
     return diffusion_model_of(model)
 
 
@@ -114,7 +120,7 @@ def load_quantized(model, file):
     register_folder()
     path = folder_paths.get_full_path_or_raise(FOLDER, file)
     with outside_inference_mode():
-        result = load_result(path, pristine_unet(model))
+        result = load_result(path, unet_as_run_by(model))
         return quantized_model(model, result), result.summary()
 
 
