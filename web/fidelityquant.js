@@ -17,7 +17,8 @@ function reportWidget(node) {
   if (widget) return widget;
   widget = ComfyWidgets.STRING(node, WIDGET_NAME, ["STRING", { multiline: true }], app).widget;
   widget.serialize = false; // not stored in the workflow's widgets_values
-  widget.options = { ...(widget.options ?? {}), serialize: false }; // not sent as a node input
+  widget.options ??= {};
+  widget.options.serialize = false; // not sent as a node input
   if (widget.inputEl) {
     widget.inputEl.readOnly = true;
     widget.inputEl.style.opacity = 0.75;
