@@ -284,8 +284,8 @@ class _QuantLayer(nn.Module):
     def _cached(self, name: str, key: tuple, build):
         """Runtime data derived from buffers (unpacked int8, prepacked oneDNN weight).
 
-        Keyed on the buffers' storage and version so that a later ``copy_`` or ``load_state_dict``
-        (e.g. a LoRA merge) invalidates it.
+        Keyed on the identity and version of the codes and scale tensors, so that replacing them
+        (a LoRA merge or its unpatch) or a later ``copy_`` / ``load_state_dict`` invalidates it.
         """
         key = key + (self.weight._version, self.weight_scale._version)
         hit = self._derived.get(name)
