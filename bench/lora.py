@@ -5,8 +5,9 @@
 
 Model: an SD1.5-layout UNet (model_channels 320, context 768, ``--levels`` levels with one ResBlock
 and one transformer each, seeded random weights) loaded by ComfyUI's own loader, sampled with
-ComfyUI's euler sampler (CFG batch of 2) on a ``--latent`` x ``--latent`` latent. W8A8 calibration by
-the Calibrate & Quantize node (2 prompts, 2 steps: enough for timing, says nothing about fidelity).
+ComfyUI's euler sampler (CFG batch of 2) on a ``--latent`` x ``--latent`` latent. ``--preset`` (W8A8)
+calibration by the Calibrate & Quantize node (2 prompts, 2 steps: enough for timing; the final-latent
+errors reported are indicative only, the fidelity claims are tested in tests/test_comfyui_lora.py).
 
 LoRAs: seeded kohya-style rank ``--rank`` factors on every attention projection (attn1/attn2 to_q,
 to_k, to_v, to_out.0) and every transformer proj_in / proj_out, loaded with comfy.sd.load_lora_for_models;
@@ -177,6 +178,7 @@ def main() -> None:
     ap.add_argument("--levels", type=int, default=2)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--preset", default="W8A8", choices=["W8A8", "W4A8"])
     args = ap.parse_args()
     if not args.comfyui:
         sys.exit("bench/lora.py needs ComfyUI: pass --comfyui PATH or set COMFYUI_PATH")
@@ -190,7 +192,7 @@ def main() -> None:
     qmodel, result, _ = pack.nodes.fidelity_nodes.CalibrateAndQuantize().run(
         model=model, clip=clip, prompts="a red house\na blue boat", negative="", steps=2, cfg=5.0,
         sampler_name="euler", scheduler="normal", width=args.latent * 8, height=args.latent * 8, seed=0,
-        preset="W8A8", timestep_groups=2, bits_budget=4.5, consistency_pass=False, memory_limit_mb=256)["result"]
+        preset=args.preset, timestep_groups=2, bits_budget=4.5, consistency_pass=False, memory_limit_mb=256)["result"]
     calib_s = time.perf_counter() - t0
     mm.unload_all_models()
     targets = lora_targets(model.model.diffusion_model)
@@ -259,7 +261,7 @@ def main() -> None:
                     "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "model": {"layout": "SD1.5 ldm", "model_channels": 320, "levels": args.levels, "params": params,
                   "latent": args.latent, "steps": args.steps, "cfg_batch": 2},
-        "quantization": {"preset": "W8A8", "quantized_layers": len(result.layers), "calibration_s": calib_s},
+        "quantization": {"preset": args.preset, "quantized_layers": len(result.layers), "calibration_s": calib_s},
         "lora": {"rank": args.rank, "targets": len(targets), "quantized_targets": len(quantized_targets),
                  "strengths": [s for _, s in loras], "size": "up@down norm = 0.2 x weight norm"},
         "repeats": args.repeats, "results": summary,
@@ -269,7 +271,7 @@ def main() -> None:
     out_path.write_text(json.dumps(record, indent=2))
 
     print(f"\nSD1.5-layout UNet, {params / 1e6:.1f}M params, {args.levels} levels, latent {args.latent}x{args.latent}, "
-          f"CFG batch 2, {args.steps} euler steps, {args.threads} thread(s); W8A8 ({len(result.layers)} quantized "
+          f"CFG batch 2, {args.steps} euler steps, {args.threads} thread(s); {args.preset} ({len(result.layers)} quantized "
           f"layers); LoRA rank {args.rank} on {len(targets)} layers; median of {args.repeats} interleaved rounds")
     print("| config | LoRAs | steady step s | vs same kind, 0 LoRA | first step s | mean step s | load/patch s "
           "| rel err vs float+same LoRAs |")
