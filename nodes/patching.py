@@ -33,9 +33,13 @@ def quantized_model(model, result):
     from quant_core.adapters import detect_adapter
 
     unet = diffusion_model_of(model)
-    # ComfyUI unpatches lazily: the shared UNet may still hold another clone's LoRA. Load this MODEL
-    # (its own patches, as the sampler would) so the fingerprint sees the weights calibration saw.
-    comfy.model_management.load_models_gpu([model])
+    # ComfyUI unpatches lazily: the shared UNet may still hold another clone's LoRA. The fingerprint
+    # must see this MODEL's weights as calibration saw them: with its own patches applied (loaded as the
+    # sampler would), or, without patches, the plain checkpoint (unload clones: nothing else in memory).
+    if has_weight_patches(model):
+        comfy.model_management.load_models_gpu([model])
+    else:
+        unload_clones_of(model.model)
     result.check_compatible(unet)
     adapter = detect_adapter(unet)
     owner = getattr(result, "_comfy_owner", None)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+PACK = "fidelityquant_pack_lora_tests"
 LORA_TARGETS = {  # ldm module -> rank: attention, feed-forward and the 1x1 conv projections
     "input_blocks.1.1.transformer_blocks.0.attn1.to_q": 32, "input_blocks.1.1.transformer_blocks.0.attn1.to_k": 32,
     "input_blocks.1.1.transformer_blocks.0.attn1.to_v": 32, "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0": 32,
@@ -72,12 +73,13 @@ def _comfy_nodes(path):
 
 
 def _pack():
-    if "fidelityquant_pack" in sys.modules:
-        return sys.modules["fidelityquant_pack"]
-    spec = importlib.util.spec_from_file_location("fidelityquant_pack", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
+    """The pack, imported under its own package name (tests/test_comfyui_nodes.py re-imports
+    "fidelityquant_pack" from scratch, which breaks if its submodules are already cached)."""
+    if PACK in sys.modules:
+        return sys.modules[PACK]
+    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
     pack = importlib.util.module_from_spec(spec)
-    sys.modules["fidelityquant_pack"] = pack
+    sys.modules[PACK] = pack
     spec.loader.exec_module(pack)
     return pack
 
