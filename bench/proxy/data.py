@@ -144,3 +144,22 @@ def save_grid_ppm(images: torch.Tensor, path, nrow: int = 8, scale: int = 2):
     with open(path, "wb") as f:
         f.write(b"P6\n%d %d\n255\n" % (grid.shape[2], grid.shape[1]))
         f.write(data)
+
+
+def save_grid(images: torch.Tensor, path, nrow: int = 8, scale: int = 2):
+    """PNG grid when Pillow is installed (or the path ends in .ppm), else a PPM next to ``path``."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        from PIL import Image
+    except ImportError:
+        Image = None
+    if Image is None or path.suffix == ".ppm":
+        save_grid_ppm(images, path.with_suffix(".ppm"), nrow, scale)
+        return path.with_suffix(".ppm")
+    tmp = path.with_suffix(".tmp.ppm")
+    save_grid_ppm(images, tmp, nrow, scale)
+    Image.open(tmp).save(path)
+    tmp.unlink()
+    return path

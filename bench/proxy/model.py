@@ -59,12 +59,30 @@ UNET_CONFIG = dict(
     # 16x16 and 8x8 levels (and the mid block) carry the transformer blocks.
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(64, 128, 128), layers_per_block=1, norm_num_groups=32,
-    cross_attention_dim=64, attention_head_dim=8,  # diffusers' SD1 naming: 8 heads per attention
+    block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=32,
+    cross_attention_dim=64, attention_head_dim=4,  # diffusers' SD1 naming: 4 heads (head dims 16 and 32)
 )
 
+# DDPM's linear schedule (1e-4 -> 0.02, 1000 steps, epsilon prediction). Not SD's scaled_linear: in pixel
+# space at 32x32 its terminal SNR (0.0047) leaves the image mean and the object's quadrant readable in x_T,
+# so a model trained with it copies layout and background colour from the initial noise instead of the
+# caption (measured: that run placed shapes at random). clip_sample=True (clamp the predicted x0 to
+# [-1, 1] at sampling, as DDPM does in pixel space) only affects sampling, not training.
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                        prediction_type="epsilon", clip_sample=False)
+                        prediction_type="epsilon", clip_sample=True)
+
+
+def train_alphas_cumprod(config: dict | None = None) -> torch.Tensor:
+    """alphas_cumprod exactly as diffusers' DDPM/DDIM schedulers compute it for ``config``."""
+    c = config or SCHEDULER_CONFIG
+    n = c["num_train_timesteps"]
+    if c["beta_schedule"] == "linear":
+        betas = torch.linspace(c["beta_start"], c["beta_end"], n, dtype=torch.float32)
+    elif c["beta_schedule"] == "scaled_linear":
+        betas = torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, n, dtype=torch.float32) ** 2
+    else:
+        raise ValueError(c["beta_schedule"])
+    return torch.cumprod(1.0 - betas, dim=0)
 
 
 def build_scheduler_config() -> dict:
@@ -90,7 +108,7 @@ def build_text_encoder(seed: int | None = 0, **overrides):
 
 
 # ---------------------------------------------------------------- save / load
-def save_proxy(unet, text_encoder, path=WEIGHTS, dtype=torch.float16, extra_meta: dict | None = None):
+def save_proxy(unet, text_encoder, path=WEIGHTS, dtype=torch.float32, extra_meta: dict | None = None):
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -110,7 +128,7 @@ def load_proxy(path=WEIGHTS, device="cpu", dtype=torch.float32, trained: bool = 
     """Return ``dict(unet, text_encoder, tokenize, scheduler_config, vocab)`` ready for :func:`sample`.
 
     ``trained=False`` gives the same architecture randomly initialised with ``seed`` (the baseline).
-    Weights are stored in fp16 and cast to ``dtype`` (fp32 by default).
+    The stored weights (fp32) are cast to ``dtype`` (fp32 by default).
     """
     unet = build_unet(seed)
     text_encoder = build_text_encoder(seed + 1)

@@ -5,7 +5,7 @@
 
 Seeded and single-process: epsilon prediction, DDPM linear beta schedule (1000 steps), uniform t,
 classifier-free guidance dropout (caption -> "" with p=0.1), AdamW, linear warmup + cosine decay,
-gradient clipping, EMA of the weights (the EMA weights are what is saved, in fp16).
+gradient clipping, EMA of the weights (the EMA weights are what is saved, fp32 by default).
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ if __package__ in (None, ""):  # run as a script: make `proxy` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "proxy"
 
-from .data import make_batch, save_grid_ppm  # noqa: E402
+from .data import make_batch, save_grid  # noqa: E402
 from .evaluate import eval_specs, score  # noqa: E402
 from .data import caption  # noqa: E402
 from .model import (WEIGHTS, build_scheduler_config, build_text_encoder, build_unet, count_params,  # noqa: E402
-                    save_proxy, tokenize)
+                    save_proxy, tokenize, train_alphas_cumprod)
 from .sample import sample  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -42,9 +42,9 @@ HERE = Path(__file__).resolve().parent
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=2200)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--min-lr-frac", type=float, default=0.1)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -55,7 +55,10 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--out", default=str(WEIGHTS))
     ap.add_argument("--log", default=str(HERE / "train_log.txt"))
-    ap.add_argument("--samples", default=str(HERE / "samples.ppm"), help="grid of eval samples ('' = none)")
+    ap.add_argument("--save-dtype", choices=("fp32", "fp16"), default="fp32")
+    ap.add_argument("--eval-cfg", type=float, nargs="+", default=[3.0, 5.0])
+    ap.add_argument("--samples", default=str(HERE / "samples.png"),
+                    help="grid of eval samples, seed 0 ('' = none; written as .ppm when PIL is missing)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -84,8 +87,7 @@ def main(argv=None):
         return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
 
     sched = build_scheduler_config()
-    betas = torch.linspace(sched["beta_start"], sched["beta_end"], sched["num_train_timesteps"], dtype=torch.float64)
-    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+    alphas_cumprod = train_alphas_cumprod(sched)
     data_gen = torch.Generator().manual_seed(args.seed + 100)
     noise_gen = torch.Generator().manual_seed(args.seed + 200)
 
@@ -131,26 +133,27 @@ def main(argv=None):
     for src, dst in ((unet, ema_unet), (text_encoder, ema_te)):
         for (name, b_src), (_, b_dst) in zip(src.named_buffers(), dst.named_buffers()):
             b_dst.copy_(b_src)
-    out = save_proxy(ema_unet, ema_te, args.out,
+    save_dtype = torch.float16 if args.save_dtype == "fp16" else torch.float32
+    out = save_proxy(ema_unet, ema_te, args.out, dtype=save_dtype,
                      extra_meta=dict(train_seconds=round(train_s, 1), steps=args.steps, seed=args.seed,
                                      batch_size=args.batch_size))
-    log(f"# done: {args.steps} steps in {train_s:.1f} s ({train_s / 60:.1f} min); saved EMA weights (fp16) to {out} "
+    log(f"# done: {args.steps} steps in {train_s:.1f} s ({train_s / 60:.1f} min); saved EMA weights ({args.save_dtype}) to {out} "
         f"({Path(out).stat().st_size / 1e6:.2f} MB)")
 
-    # quick evaluation of the saved (fp16 -> fp32) EMA weights
+    # quick evaluation of the saved EMA weights, reloaded from disk
     from .model import load_proxy
     proxy = load_proxy(out)
     held, seen = eval_specs()
     specs = held + seen
     prompts = [caption(*s) for s in specs]
-    for seed in (0, 1):
-        imgs = sample(proxy["unet"], proxy["text_encoder"], tokenize, prompts, seed=seed)
+    for cfg, seed in [(c, s) for c in args.eval_cfg for s in (0, 1)]:
+        imgs = sample(proxy["unet"], proxy["text_encoder"], tokenize, prompts, seed=seed, cfg=cfg)
         r_held, r_seen = score(imgs[: len(held)], held), score(imgs[len(held):], seen)
-        log(f"# eval seed {seed}: held-out acc {r_held['accuracy']:.2f} (pos {r_held['position_acc']:.2f}, "
+        log(f"# eval (DDIM 20 steps, cfg {cfg}) seed {seed}: held-out acc {r_held['accuracy']:.2f} (pos {r_held['position_acc']:.2f}, "
             f"colour {r_held['colour_acc']:.2f}); seen acc {r_seen['accuracy']:.2f} "
             f"(pos {r_seen['position_acc']:.2f}, colour {r_seen['colour_acc']:.2f})")
-        if seed == 0 and args.samples:
-            save_grid_ppm(imgs, args.samples, nrow=6, scale=3)
+        if seed == 0 and cfg == args.eval_cfg[-1] and args.samples:
+            save_grid(imgs, args.samples, nrow=6, scale=3)
     log_f.close()
 
 
