@@ -174,12 +174,15 @@ def fit_act_scales(capture, group_keys: list, w2d: torch.Tensor, w_quant: torch.
     return torch.tensor(scales, dtype=torch.float32), err_num, err_den
 
 
-def fit_all(weights: dict, captures: dict, group_keys: list, bits_options: tuple, cfg) -> dict:
+def fit_all(weights: dict, captures: dict, group_keys: list, bits_options: tuple, cfg, check_cancel=None) -> dict:
     """Fit every layer at every precision in ``bits_options``; {name: {bits: LayerFit}}.
 
     Each layer's seed derives from its name, so results do not depend on order or thread timing.
+    ``check_cancel()`` runs before each layer (raising from it cancels: the remaining jobs stop at once).
     """
     def job(name):
+        if check_cancel is not None:
+            check_cancel()
         seed = cfg.seed + _stable_hash(name)
         return name, {bits: fit_layer(weights[name], captures[name], group_keys, bits, cfg, seed)
                       for bits in bits_options}
@@ -188,13 +191,16 @@ def fit_all(weights: dict, captures: dict, group_keys: list, bits_options: tuple
         return dict(pool.map(job, sorted(weights)))
 
 
-def refit_act_scales(weights: dict, quant_layers: dict, captures: dict, group_keys: list, cfg) -> dict:
+def refit_act_scales(weights: dict, quant_layers: dict, captures: dict, group_keys: list, cfg,
+                     check_cancel=None) -> dict:
     """Consistency pass: new activation scales from inputs the *quantized* model produced.
 
     Targets are the float layer on those same inputs; the quantized weights stay as fitted.
     Returns {name: (scales, relative error)}.
     """
     def job(name):
+        if check_cancel is not None:
+            check_cancel()
         w2d = weights[name].detach().float().reshape(weights[name].shape[0], -1)
         w_quant = quant_layers[name].dequantize_weight().reshape(w2d.shape).float()
         scales, num, den = fit_act_scales(captures[name], group_keys, w2d, w_quant, cfg,

@@ -37,6 +37,12 @@ class _PhasedProgress:
         self.progress, self.calls_per_run, self.runs = progress, calls_per_run, runs
         self.offset = 0
 
+    def check_cancel(self) -> None:
+        """Between serial passes (fitting): re-report the position so a raising callback can cancel."""
+        if self.progress is not None:
+            done = min(self.offset, self.calls_per_run * self.runs)
+            self.progress(done, self.calls_per_run * self.runs)
+
     def phase(self):
         offset = self.offset
         self.offset += self.calls_per_run
@@ -98,7 +104,7 @@ def quantize(unet: nn.Module, runner, config: QuantConfig | str | None = None, p
     start = time.perf_counter()
     weights = {n: m.weight for n, m in layers.items()}
     bits_options = tuple(sorted({cfg.weight_bits, 8})) if cfg.mixed_precision else (cfg.weight_bits,)
-    fits = fit_all(weights, cap.layers, group_keys, bits_options, cfg)
+    fits = fit_all(weights, cap.layers, group_keys, bits_options, cfg, phases.check_cancel)
     sizes = {n: w.numel() for n, w in weights.items()}
     if cfg.mixed_precision:
         errors = {n: {b: f.error for b, f in fits[n].items()} for n in fits}
@@ -131,7 +137,8 @@ def quantize(unet: nn.Module, runner, config: QuantConfig | str | None = None, p
         qcap = capture_mod.capture(qmodel, {n: qmodel.get_submodule(n) for n in qlayers}, runner,
                                    adapter.timesteps_from_call, steps_hint, cfg.memory_limit_mb * 2**20,
                                    phases.phase(), calls, cfg.seed + 1)
-        refit = refit_act_scales({n: weights[n] for n in qlayers}, qlayers, qcap.layers, group_keys, cfg)
+        refit = refit_act_scales({n: weights[n] for n in qlayers}, qlayers, qcap.layers, group_keys, cfg,
+                                 phases.check_cancel)
         for name, (scales, error) in refit.items():
             qlayers[name].set_act_scales(scales)
             report["layers"][name]["error_consistency"] = error

@@ -197,8 +197,30 @@ def test_progress_covers_every_phase(sd1):
     seen = []
     quantize(unet, runner, preset("W8A8", workers=1), progress=lambda d, t: seen.append((d, t)))
     total = 3 * runner.total_unet_calls  # capture, consistency pass, evaluation
-    assert seen[-1] == (total, total) and len(seen) == total
+    assert seen[-1] == (total, total) and {d for d, _ in seen} == set(range(1, total + 1))
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # between passes (fitting) the position is re-reported, so a cancel is noticed there too
+    assert len(seen) > total
+
+
+def test_cancel_during_fitting_stops_without_waiting_for_every_layer(sd1):
+    unet, runner = sd1
+    digest = weights_digest(unet)
+    calls = runner.total_unet_calls
+    seen = []
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(done, total):
+        seen.append(done)
+        if seen.count(calls) == 2:  # the capture's last call, then the first check during fitting
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        quantize(unet, runner, preset("W8A8", workers=1), progress=progress)
+    assert max(seen) == calls  # the consistency pass never started
+    assert _no_hooks(unet) and weights_digest(unet) == digest
 
 
 class LdmRunner:
