@@ -14,8 +14,11 @@ The current timestep group comes from a :class:`StepContext` that all layers of 
 the model-level wrapper sets it once per UNet call.
 
 Weight patches (LoRA). ComfyUI merges a patch by weight key: ``convert_weight`` turns stored codes
-into the float weight, ComfyUI adds the patch, ``set_weight`` requantizes onto the layer's existing
-(calibrated, fixed) scales. In low-VRAM mode ComfyUI instead leaves the layer offloaded and puts
+into the float weight, ComfyUI adds the patch, ``set_weight`` requantizes onto the layer's calibrated
+scales; only rows whose merged weight would saturate get a larger channel scale, owned by the merged
+codes tensor, so restoring the backed-up codes restores the calibrated scale (unpatch is exact).
+Measured (tests/test_lora_layers.py, bench/RESULTS.md): W8 keeps its error; W4 re-rounds the delta
+on the int4 grid, about sqrt(2) more weight error (calibrating with the LoRA avoids it). In low-VRAM mode ComfyUI instead leaves the layer offloaded and puts
 patch functions in ``weight_function`` / ``bias_function`` (only for modules that have a
 ``comfy_cast_weights`` attribute); ``forward`` applies them. Plain attribute names, no ComfyUI import.
 
