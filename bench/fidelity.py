@@ -157,6 +157,20 @@ def compare(reference: tuple, candidate: tuple) -> dict:
             "drift_per_step": drift}
 
 
+def mean_over_seeds(per_seed: list) -> dict:
+    """Mean of every metric over calibration seeds, plus the standard deviation of the headline ones."""
+    out = {}
+    for key in ("psnr", "ssim", "image_mse", "latent_mse", "calib_s"):
+        values = torch.tensor([r[key] for r in per_seed], dtype=torch.float64)
+        out[key] = float(values.mean())
+        if key in ("ssim", "image_mse", "psnr"):
+            out[f"{key}_std"] = float(values.std()) if len(values) > 1 else 0.0
+    out["drift_per_step"] = torch.tensor([r["drift_per_step"] for r in per_seed]).mean(0).tolist()
+    errors = [r["unet_rel_error"] for r in per_seed if r["unet_rel_error"] is not None]
+    out["unet_rel_error"] = sum(errors) / len(errors) if errors else None
+    return out
+
+
 def targets(rows: dict) -> list:
     """Issue 5's targets and the ablation verdicts, as (status, text) lines."""
     lines = []
@@ -185,6 +199,10 @@ def targets(rows: dict) -> list:
         worse_ssim = row["ssim"] < rows[base]["ssim"]
         verdict = "earns its place" if worse_mse and worse_ssim else \
             "mixed result" if worse_mse or worse_ssim else "DOES NOT earn its place here"
+        # a difference smaller than the seed-to-seed spread is not evidence either way
+        spread = max(row.get("image_mse_std", 0.0), rows[base].get("image_mse_std", 0.0))
+        if abs(row["image_mse"] - rows[base]["image_mse"]) < spread:
+            verdict += " (MSE difference within the calibration-seed spread)"
         lines.append(("INFO", f"{name}: image MSE {row['image_mse']:.3e} vs {rows[base]['image_mse']:.3e} "
                               f"({base}), SSIM {row['ssim']:.4f} vs {rows[base]['ssim']:.4f}: {verdict}"))
     return lines
@@ -193,16 +211,18 @@ def targets(rows: dict) -> list:
 def markdown(meta: dict, float_row: dict, rows: list, target_lines: list) -> str:
     out = [f"## Fidelity benchmark ({meta['model']}), {meta['date']}", "",
            f"Machine: {meta['machine']}; torch {meta['torch']}. {meta['images']} held-out images, "
+           f"metrics averaged over {meta['seeds']} calibration seeds, "
            f"{meta['steps']} sampler steps, CFG {meta['cfg']}, {meta['calib_prompts']} calibration prompts. "
            "All metrics against the float model's images on the same prompts and seeds; `drift` = MSE of the "
            "UNet input vs the float run, at the middle and last step; bytes: quantized layers as stored, "
            "everything else at fp16.", "", "Command:", "", f"    {meta['command']}", "",
-           "| variant | PSNR dB | SSIM | image MSE | latent MSE | drift mid / last | calib s | weight MB | avg bits |",
+           "| variant | PSNR dB | SSIM | image MSE (+- std over seeds) | latent MSE | drift mid / last | calib s | weight MB | avg bits |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
            f"| float | - | - | - | - | - | - | {float_row['weight_bytes'] / 1e6:.2f} | 16 |"]
     for r in rows:
         d = r["drift_per_step"]
-        out.append(f"| {r['name']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['image_mse']:.3e} | {r['latent_mse']:.3e} | "
+        out.append(f"| {r['name']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['image_mse']:.3e} +- {r['image_mse_std']:.1e} | "
+                   f"{r['latent_mse']:.3e} | "
                    f"{d[len(d) // 2]:.2e} / {d[-1]:.2e} | {r['calib_s']:.1f} | {r['weight_bytes'] / 1e6:.2f} | "
                    f"{r['avg_bits']:.2f} |")
     out += ["", "Targets and ablations (printed by the same run):", ""]
@@ -221,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="images per sampler batch")
     parser.add_argument("--prompts", default="", help="diffusers models: prompt file (calibration first, then held-out)")
     parser.add_argument("--size", type=int, default=0, help="diffusers models: image size (default: the model's)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="calibration seeds per variant; metrics are their mean (the spread is reported)")
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     parser.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     parser.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
@@ -242,29 +264,33 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     reference = model.sample(model.unet)
     float_row = {"name": "float", "weight_bytes": weight_bytes(model.unet), "sample_s": time.perf_counter() - start}
-    header = f"{'variant':<28}{'PSNR':>7}{'SSIM':>8}{'img MSE':>10}{'lat MSE':>10}{'calib s':>9}{'MB':>7}{'bits':>6}"
+    header = (f"{'variant':<28}{'PSNR':>7}{'SSIM':>8}{'img MSE':>10}{'+- std':>10}{'lat MSE':>10}{'calib s':>9}"
+              f"{'MB':>7}{'bits':>6}")
     print(header)
     rows = []
     for name, preset_name, overrides, note in VARIANTS:
         if only and name not in only:
             continue
-        start = time.perf_counter()
-        result = quantize(model.unet, model.calibration, preset(preset_name, **overrides))
-        calib_s = time.perf_counter() - start
-        row = {"name": name, "preset": preset_name, "overrides": overrides, "note": note,
-               **compare(reference, model.sample(result.apply(model.unet))),
-               "calib_s": calib_s, "weight_bytes": weight_bytes(model.unet, result),
-               "avg_bits": result.report["average_weight_bits"],
-               "unet_rel_error": result.report.get("fidelity", {}).get("unet_rel_error_mean")}
+        per_seed = []
+        for seed in range(args.seeds):  # calibration seeds: which rows the reservoirs and fits sample
+            start = time.perf_counter()
+            result = quantize(model.unet, model.calibration, preset(preset_name, **{"seed": seed, **overrides}))
+            calib_s = time.perf_counter() - start
+            per_seed.append({**compare(reference, model.sample(result.apply(model.unet))), "calib_s": calib_s,
+                             "unet_rel_error": result.report.get("fidelity", {}).get("unet_rel_error_mean")})
+        row = {"name": name, "preset": preset_name, "overrides": overrides, "note": note, "seeds": args.seeds,
+               **mean_over_seeds(per_seed), "per_seed": per_seed,
+               "weight_bytes": weight_bytes(model.unet, result), "avg_bits": result.report["average_weight_bits"]}
         rows.append(row)
-        print(f"{name:<28}{row['psnr']:>7.2f}{row['ssim']:>8.4f}{row['image_mse']:>10.2e}{row['latent_mse']:>10.2e}"
-              f"{calib_s:>9.1f}{row['weight_bytes'] / 1e6:>7.2f}{row['avg_bits']:>6.2f}", flush=True)
+        print(f"{name:<28}{row['psnr']:>7.2f}{row['ssim']:>8.4f}{row['image_mse']:>10.2e}"
+              f"{row['image_mse_std']:>10.1e}{row['latent_mse']:>10.2e}"
+              f"{row['calib_s']:>9.1f}{row['weight_bytes'] / 1e6:>7.2f}{row['avg_bits']:>6.2f}", flush=True)
 
     target_lines = targets({r["name"]: r for r in rows})
     for status, text in target_lines:
         print(f"{status}: {text}")
     meta = {"model": model.description, "trained": model.trained, "images": len(model.prompts), "steps": args.steps,
-            "cfg": args.cfg, "calib_prompts": args.calib_prompts,
+            "cfg": args.cfg, "calib_prompts": args.calib_prompts, "seeds": args.seeds,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python bench/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",

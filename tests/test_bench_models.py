@@ -20,7 +20,7 @@ def _load(name):
 def test_fidelity_benchmark_json(tmp_path):
     bench = _load("fidelity")
     out = tmp_path / "fidelity.json"
-    assert bench.main(["--images", "4", "--batch", "2", "--steps", "3", "--calib-prompts", "2",
+    assert bench.main(["--images", "4", "--batch", "2", "--steps", "3", "--calib-prompts", "2", "--seeds", "2",
                        "--only", "naive-w8a8,ours-w8a8", "--json", str(out), "--no-results"]) == 0
     data = json.loads(out.read_text())
     assert data["meta"]["images"] == 4 and data["meta"]["steps"] == 3
@@ -33,6 +33,7 @@ def test_fidelity_benchmark_json(tmp_path):
             assert math.isfinite(v[key]), key
         assert 0 < v["weight_bytes"] < data["float"]["weight_bytes"]
         assert len(v["drift_per_step"]) == 3 * 2  # 3 steps x 2 batches of 2 images
+        assert v["seeds"] == 2 and len(v["per_seed"]) == 2 and v["image_mse_std"] >= 0
         assert v["image_mse"] > 0 and -1 <= v["ssim"] <= 1
 
 
