@@ -319,6 +319,24 @@ def test_lora_before_calibration(env, capsys, caplog):
     assert not [k for k in qmodel2.patches if k[len("diffusion_model."):].rsplit(".", 1)[0] in result2.layers]
     assert len(qmodel2.patches) == len(float_lora.patches) - len(
         [k for k in float_lora.patches if k[len("diffusion_model."):].rsplit(".", 1)[0] in result2.layers])
+    # saved and loaded again on the same checkpoint -> LoRA chain: the fingerprint (LoRA-patched weights)
+    # matches, and the loaded model samples exactly like the calibrated one
+    import folder_paths
+    fq = pack.nodes.fidelity_nodes
+    saved_folder = folder_paths.folder_names_and_paths.get(fq.FOLDER)
+    folder_paths.folder_names_and_paths[fq.FOLDER] = ([str(env["lora_dir"])], set())
+    try:
+        assert result2.merged_layers() == []
+        fq.SaveQuantizedUNet().save(result2, "order2")
+        loaded = fq.LoadQuantizedUNet().load(float_lora, "order2.safetensors")[0]
+        assert torch.equal(_sample(comfy, loaded), out)
+        with pytest.raises(Exception, match="different checkpoint"):  # without the LoRA it is another model
+            fq.LoadQuantizedUNet().load(model, "order2.safetensors")
+    finally:
+        if saved_folder is None:
+            folder_paths.folder_names_and_paths.pop(fq.FOLDER, None)
+        else:
+            folder_paths.folder_names_and_paths[fq.FOLDER] = saved_folder
 
 
 # ---------------------------------------------------------------------- time embedding
