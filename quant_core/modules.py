@@ -17,8 +17,8 @@ Weight patches (LoRA). ComfyUI merges a patch by weight key: ``convert_weight`` 
 into the float weight, ComfyUI adds the patch, ``set_weight`` requantizes onto the layer's calibrated
 scales; only rows whose merged weight would saturate get a larger channel scale, owned by the merged
 codes tensor, so restoring the backed-up codes restores the calibrated scale (unpatch is exact).
-Measured (tests/test_lora_layers.py, bench/RESULTS.md): W8 keeps its error; W4 re-rounds the delta
-on the int4 grid, about sqrt(2) more weight error (calibrating with the LoRA avoids it). In low-VRAM mode ComfyUI instead leaves the layer offloaded and puts
+W4 layers hold a merged patch as int8 codes with per-row scales (their GEMM is int8 anyway), so
+the delta is not re-rounded on the coarse int4 grid; a weight still on the int4 grid keeps its codes. In low-VRAM mode ComfyUI instead leaves the layer offloaded and puts
 patch functions in ``weight_function`` / ``bias_function`` (only for modules that have a
 ``comfy_cast_weights`` attribute); ``forward`` applies them. Plain attribute names, no ComfyUI import.
 
@@ -173,18 +173,29 @@ class _QuantLayer(nn.Module):
 
     def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
                    **kwargs):
-        """Requantize a merged float weight: calibrated scales, grown only for rows that would saturate."""
+        """Requantize a merged float weight.
+
+        W8: on the calibrated scales, grown only for rows that would saturate. W4: a weight still on
+        the layer's int4 grid (e.g. strength 0) keeps its int4 codes, bit for bit; any other merged
+        weight is stored as int8 codes with per-row scales while patched (the int4 path unpacks to
+        int8 before its GEMM anyway): re-rounding the delta on the int4 grid would add a second int4
+        rounding error to every patched layer.
+        """
         self._sync_scale()
         base = self.calibrated_weight_scale()
-        scale = self.merge_scale(weight, base)
-        codes = self.requantize_codes(weight, scale)
+        if self.weight_bits == 4:
+            codes, scale = self._merge_w4(weight, base)
+        else:
+            scale = self.merge_scale(weight, base)
+            codes = self.requantize_codes(weight, scale)
         grown = scale is not base
         self.patch_info = {"grown_rows": int((scale > base).sum()) if grown else 0,
-                           "max_growth": float((scale / base.clamp_min(1e-30)).max()) if grown else 1.0}
+                           "max_growth": float((scale / base.clamp_min(1e-30)).max()) if grown else 1.0,
+                           "stored_as": "int8" if codes.dtype == torch.int8 else "int4"}
         if return_weight:  # low-VRAM path: codes for one call; forward picks up the matching scale
             self._returned_scale = (codes, scale) if grown else None
             return codes
-        if inplace_update:
+        if inplace_update and codes.shape == self.weight.shape and codes.dtype == self.weight.dtype:
             with torch.no_grad():
                 self.weight.copy_(codes)  # (not .data: the version bump invalidates derived caches)
         else:
@@ -198,6 +209,21 @@ class _QuantLayer(nn.Module):
         else:
             self._restore_calibrated_scale()
         return None
+
+    def _merge_w4(self, weight: torch.Tensor, base: torch.Tensor):
+        """(codes, channel scale) for a merged weight of a W4 layer (see set_weight)."""
+        on_grid = self.requantize_codes(weight, base)
+        w = weight.detach().to(torch.float32)
+        if torch.equal(self.dequantize_codes(on_grid, base).to(w.device), w.reshape(self.weight_shape)):
+            return on_grid, base
+        w2d = w.reshape(base.shape[0], -1)
+        scale = (w2d.abs().amax(1) / formats.INT8_QMAX).clamp_min_(1e-12)
+        codes = torch.round(w2d / scale.unsqueeze(1)).clamp_(-formats.INT8_QMAX, formats.INT8_QMAX).to(torch.int8)
+        return codes, scale.to(base.dtype).to(base.device)
+
+    def _holds_int8(self, codes: torch.Tensor) -> bool:
+        """Whether ``codes`` are plain int8 codes (W8, or a W4 layer's merged patch), not packed int4."""
+        return self.weight_bits == 8 or codes.shape[-1] == self.reduce_dim
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._sync_scale(deep=True)  # never save restored codes with a grown scale
@@ -217,19 +243,10 @@ class _QuantLayer(nn.Module):
         return self._calibrated_scale if self._calibrated_scale is not None else self.weight_scale
 
     def merge_scale(self, weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """``base``, or a copy with larger entries for the rows of ``weight`` that exceed its range."""
+        """W8: ``base``, or a copy with larger entries for the rows of ``weight`` that exceed its range."""
         w2d = weight.detach().to(torch.float32).reshape(base.shape[0], -1)
         base_f = base.to(w2d.device, torch.float32)
-        if self.weight_bits == 8:
-            need = w2d.abs().amax(1) / formats.INT8_QMAX
-        else:
-            rows, n_groups = self.weight_group_scale.shape
-            k_pad = n_groups * self.group_size
-            if k_pad != w2d.shape[1]:
-                w2d = F.pad(w2d, (0, k_pad - w2d.shape[1]))
-            group_max = w2d.view(rows, n_groups, self.group_size).abs().amax(2)
-            gs = self.weight_group_scale.to(w2d.device, torch.float32).clamp_min(1)
-            need = (group_max / (gs * formats.INT4_QMAX)).amax(1)
+        need = w2d.abs().amax(1) / formats.INT8_QMAX
         grow = need > base_f * (1 + self.GROW_TOLERANCE)
         if not bool(grow.any()):
             return base
@@ -258,10 +275,12 @@ class _QuantLayer(nn.Module):
     def dequantize_codes(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 weight (layer shape) for codes in this layer's storage format (given in any dtype)."""
         codes = codes.detach()
-        if codes.dtype != self.weight.dtype:
-            codes = codes.round().to(self.weight.dtype) if codes.is_floating_point() else codes.to(self.weight.dtype)
+        int8 = self._holds_int8(codes)
+        dtype = torch.int8 if int8 else torch.uint8
+        if codes.dtype != dtype:
+            codes = codes.round().to(dtype) if codes.is_floating_point() else codes.to(dtype)
         scale = (self.weight_scale if scale is None else scale).to(codes.device, torch.float32).unsqueeze(1)
-        if self.weight_bits == 8:
+        if int8:
             w8 = codes.reshape(codes.shape[0], -1)
         else:
             w8 = formats.int4_to_int8(codes, self.weight_group_scale.to(codes.device), self.reduce_dim)
@@ -301,7 +320,7 @@ class _QuantLayer(nn.Module):
 
     def int8_weight_2d(self) -> torch.Tensor:
         """Exact int8 weight (N, K) that the GEMM uses."""
-        if self.weight_bits == 8:
+        if self.weight_bits == 8 or self.weight.dtype == torch.int8:  # W8, or a W4 layer's merged patch
             return self.weight.view(self.weight.shape[0], -1)
 
         def unpack():
@@ -386,7 +405,7 @@ class _QuantLayer(nn.Module):
             if returned is not None and returned[0] is codes:  # a low-VRAM patch grew some rows
                 self._buffers["weight_scale"] = returned[1].to(x.device)
             self._returned_scale = None
-            self._parameters["weight"] = nn.Parameter(codes.to(self.weight.dtype), requires_grad=False)
+            self._parameters["weight"] = nn.Parameter(codes, requires_grad=False)
             if self.bias is not None:
                 bias = self.bias.to(x.device, non_blocking=True)
                 for fn in self.bias_function:

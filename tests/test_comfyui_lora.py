@@ -532,8 +532,8 @@ def test_model_merge_into_the_quantized_model(env, caplog, capsys):
 
 
 def test_w4a8_lora_fidelity(env, capsys):
-    """W4A8: merging re-rounds each LoRA delta on the coarse int4 grid, so order 1 loses more than W8A8;
-    order 2 (LoRA -> Calibrate) quantizes the merged weights once and keeps the no-LoRA fidelity."""
+    """W4A8 with LoRA: merged patches are held as int8 codes (no second rounding on the int4 grid), so
+    order 1 keeps the no-LoRA fidelity; order 2 (LoRA -> Calibrate) works too."""
     comfy, lora, pack, model = env["comfy"], env["lora"], env["pack"], env["model"]
 
     def calibrate(m):
@@ -552,12 +552,11 @@ def test_w4a8_lora_fidelity(env, capsys):
         print(f"\nW4A8 vs float: no LoRA rel {rel0:.4f} / {psnr0:.2f} dB; order 1: "
               + "; ".join(f"{n} LoRA(s) rel {r:.4f} / {p:.2f} dB" for n, (r, p) in order1.items())
               + f"; order 2, 1 LoRA: rel {order2[0]:.4f} / {order2[1]:.2f} dB")
-    # Measured: no LoRA 0.102 / 34.0 dB; order 1 0.148 / 30.6 dB (1) and 0.157 / 30.2 dB (3); the
-    # weight-rounding part of the error grows by up to sqrt(2) (a second, independent rounding), the
-    # grown rows add a little. Bound: 1.75x the error and 5 dB. Order 2 measured 0.122 / 32.3 dB: the
-    # LoRA'd model is another model whose W4A8 error need not equal the base's; bound 1.35x and 3 dB,
-    # and better than order 1.
+    # Measured: no LoRA 0.102 / 34.0 dB; order 1 0.105 / 33.5 dB (1 LoRA) and 0.107 / 33.5 dB (3)
+    # (re-rounding the merged weights on the int4 grid instead gave 0.148 / 30.6 and 0.157 / 30.2 dB).
+    # Same margin as W8A8. Order 2 measured 0.122 / 32.3 dB: the LoRA'd model is another model whose
+    # W4A8 error need not equal the base's; bound 1.35x and 3 dB.
     for rel, psnr in order1.values():
-        assert rel < 1.75 * rel0 and psnr > psnr0 - 5.0
-    assert order2[0] < 1.35 * rel0 and order2[1] > psnr0 - 3.0 and order2[0] < order1[1][0]
+        assert rel < 1.25 * rel0 and psnr > psnr0 - 2.0
+    assert order2[0] < 1.35 * rel0 and order2[1] > psnr0 - 3.0
     comfy.model_management.unload_all_models()

@@ -69,13 +69,14 @@ def test_merged_lora_error_stays_at_the_quantization_error(kind, bits):
     q.set_weight(q.convert_weight(q.weight.float()) + delta)
     merged_err = rel(q(x), flt(x).detach())
     print(f"{kind} W{bits}: output error without LoRA {base_err:.4f}, with a 0.3-norm LoRA merged {merged_err:.4f}")
-    # Measured (linear / conv): W8 0.0130 -> 0.0146 / 0.0106 -> 0.0110; W4 0.112 -> 0.163 / 0.074 -> 0.104.
-    # The merge rounds the LoRA's delta onto the weight grid once more: an independent error of the
-    # same size as the first rounding, so the weight part of the error grows by up to sqrt(2) (W4,
-    # where weight rounding dominates); W8's error is dominated by activations. Rows the delta pushes
-    # past the range get a larger scale instead of saturating (without that W8 went to 0.097 at
-    # LoRA norm 1.0). Bound: sqrt(2) plus 10% margin.
-    assert base_err * 0.9 < merged_err < 1.6 * base_err
+    # Measured (linear / conv): W8 0.0120 -> 0.0138 / 0.0119 -> 0.0139: the delta is rounded once more
+    # on the int8 grid (small); rows the delta pushes past the range get a larger scale instead of
+    # saturating (without that, W8 went to 0.097 at LoRA norm 1.0). W4: the merged weight is held as
+    # int8 codes, so no second int4 rounding: 0.110 -> 0.105 / 0.113 -> 0.109 (re-rounding it on the
+    # int4 grid gave 0.160 / 0.168, sqrt(2) x the weight error). Bound: 25% above the unpatched error.
+    assert merged_err < 1.25 * base_err
+    if bits == 4:
+        assert q.weight.dtype == torch.int8 and q.patch_info["stored_as"] == "int8"
 
 
 @pytest.mark.parametrize("inplace", [False, True])
