@@ -15,8 +15,9 @@ the 3-LoRA case stacks three different ones (strengths 1.0, 0.7, -0.5).
 
 Two ways to run a LoRA on the quantized layers, both measured:
 - ``merge``: what the pack does. ComfyUI merges each patch once per load through the layers'
-  convert_weight / set_weight (dequantize, add, requantize on the calibrated scales); steps then run
-  the same int8 kernels as without LoRA.
+  convert_weight / set_weight (dequantize, add, requantize: W8 on the calibrated scales, grown for
+  rows that would saturate; W4 layers hold the merged weight as int8 codes); steps then run the same
+  int8 kernels as without LoRA.
 - ``branch``: a low-rank float side branch, built here for comparison: each LoRA'd quantized layer
   is object-patched with a wrapper computing ``layer(x) + sum_i s_i * up_i(down_i(x))`` in float32
   every step; nothing is merged (patch time ~ 0) and the int8 weights never change.
