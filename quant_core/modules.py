@@ -38,6 +38,13 @@ import torch.nn.functional as F
 from . import formats, kernels
 
 
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place version counter, or -1 for an inference tensor (made under
+    ``torch.inference_mode()``, as ComfyUI's server patches LoRA weights), which has none; the
+    identity and checksum checks next to every use still catch a replaced or rewritten tensor."""
+    return -1 if tensor.is_inference() else tensor._version
+
 class StepContext:
     """Per-model state for the current UNet call, set once per call by the model-level wrapper.
 
@@ -200,7 +207,7 @@ class _QuantLayer(nn.Module):
                 self.weight.copy_(codes)  # (not .data: the version bump invalidates derived caches)
         else:
             self.weight = nn.Parameter(codes, requires_grad=False)
-        self._merged = (self.weight, self.weight._version, self._checksum(self.weight))
+        self._merged = (self.weight, _version(self.weight), self._checksum(self.weight))
         if grown:
             if self._calibrated_scale is None:
                 self._calibrated_scale = self.weight_scale
@@ -237,7 +244,7 @@ class _QuantLayer(nn.Module):
         checksum check at the first call of the next weights epoch.
         """
         merged = self._merged
-        return merged is not None and merged[0] is self.weight and merged[0]._version == merged[1]
+        return merged is not None and merged[0] is self.weight and _version(merged[0]) == merged[1]
 
     def calibrated_weight_scale(self) -> torch.Tensor:
         return self._calibrated_scale if self._calibrated_scale is not None else self.weight_scale
@@ -268,7 +275,7 @@ class _QuantLayer(nn.Module):
         owner = self._scale_owner
         if owner is None:
             return
-        if owner[0] is not self.weight or owner[0]._version != owner[1] or (
+        if owner[0] is not self.weight or _version(owner[0]) != owner[1] or (
                 deep and self._checksum(self.weight) != owner[2]):
             self._restore_calibrated_scale()
 
@@ -309,7 +316,7 @@ class _QuantLayer(nn.Module):
         Keyed on the identity and version of the codes and scale tensors, so that replacing them
         (a LoRA merge or its unpatch) or a later ``copy_`` / ``load_state_dict`` invalidates it.
         """
-        key = key + (self.weight._version, self.weight_scale._version)
+        key = key + (_version(self.weight), _version(self.weight_scale))
         hit = self._derived.get(name)
         # Identity, not data_ptr: a freed patched tensor's address can be reused by the next patch.
         if hit is not None and hit[0] == key and hit[1] is self.weight and hit[2] is self.weight_scale:
@@ -326,7 +333,7 @@ class _QuantLayer(nn.Module):
         def unpack():
             return formats.int4_to_int8(self.weight, self.weight_group_scale, self.reduce_dim)
         if self.keep_unpacked:
-            return self._cached("int8", (self.weight_group_scale._version,), unpack)
+            return self._cached("int8", (_version(self.weight_group_scale),), unpack)
         return unpack()
 
     def dequantize_weight(self) -> torch.Tensor:

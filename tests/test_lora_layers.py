@@ -279,3 +279,26 @@ def test_range_check_runs_once_and_warns_when_a_patch_pushes_inputs_out_of_range
     q(5 * x)
     result.finish_call()
     assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_patch_under_inference_mode(bits):
+    """ComfyUI's server runs nodes (and so LoRA merging at model load) under torch.inference_mode():
+    the merged codes are inference tensors without a version counter. Patching, running and
+    unpatching there must work and give the same outputs as outside it."""
+    from quant_core.modules import QuantConv2d
+
+    gen = torch.Generator().manual_seed(11)
+    conv = torch.nn.Conv2d(64, 32, 3, padding=1)
+    layer = QuantConv2d.from_float(conv, weight_bits=bits, act_scales=[0.05])
+    x = torch.randn(1, 64, 8, 8, generator=gen)
+    codes, plain = layer.weight.detach().clone(), layer(x)
+    delta = torch.randn(conv.weight.shape, generator=gen) * 0.01
+    with torch.inference_mode():
+        layer.set_weight(layer.convert_weight(layer.weight.detach().clone()) + delta)
+        patched_inside = layer(x)
+    patched_outside = layer(x)
+    assert torch.equal(patched_inside, patched_outside) and not torch.equal(patched_inside, plain)
+    with torch.inference_mode():
+        layer.weight = torch.nn.Parameter(codes.clone(), requires_grad=False)  # what ComfyUI's unpatch restores
+        assert torch.equal(layer(x), plain)
