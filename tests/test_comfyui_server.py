@@ -152,6 +152,19 @@ def _write_models(comfy_path: Path, models: Path) -> None:
                   **{"cond_stage_model.transformer." + k: v for k, v in clip.items()}}
     (models / "checkpoints").mkdir(parents=True)
     save_file(checkpoint, str(models / "checkpoints" / "tiny_sd15.safetensors"))
+    # a kohya-named LoRA (rank 8, each delta 0.25 x its weight's norm) on the attention and feed-forward linears
+    gen = torch.Generator().manual_seed(4)
+    lora = {}
+    for key, w in unet.items():
+        if ".transformer_blocks." in key and key.endswith(".weight") and w.dim() == 2:
+            name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+            down = torch.randn(8, w.shape[1], generator=gen) / w.shape[1] ** 0.5
+            up = torch.randn(w.shape[0], 8, generator=gen)
+            up *= 0.25 * float(w.float().norm()) / float((up @ down).norm())
+            lora.update({f"{name}.lora_up.weight": up.half(), f"{name}.lora_down.weight": down.half(),
+                         f"{name}.alpha": torch.tensor(8.0)})
+    (models / "loras").mkdir(parents=True)
+    save_file(lora, str(models / "loras" / "tiny_lora.safetensors"))
     (models / "diffusion_models").mkdir(parents=True)
     save_file(_random_state(_tiny_unet(ops), seed=10), str(models / "diffusion_models" / "other_unet.safetensors"))
 
@@ -458,3 +471,28 @@ def test_cancelled_calibration_leaves_the_float_model_intact(server, workflow1):
     assert save not in _messages(entry, "execution_cached")[0]["nodes"]  # really sampled again
     assert torch.equal(server.image(entry["outputs"][save]["images"][0]),
                        server.image(e1["outputs"][save]["images"][0]))
+
+
+def test_lora_on_the_quantized_model_in_the_server(server, workflow1):
+    """Workflow 1 with LoraLoaderModelOnly after Calibrate & Quantize and on the float branch: ComfyUI merges
+    the LoRA into our layers inside its server (under torch.inference_mode), every LoRA key lands, the
+    LoRA changes the image, and quantized+LoRA stays as close to float+LoRA as without the LoRA."""
+    graph = _api("1_calibrate_and_compare")
+    for node_id, source in (("20", "5"), ("21", "1")):
+        graph[node_id] = {"class_type": "LoraLoaderModelOnly", "_meta": {"title": f"LoRA {node_id}"},
+                          "inputs": {"model": [source, 0], "lora_name": "tiny_lora.safetensors", "strength_model": 1.0}}
+    graph[_node_id(graph, "KSampler", "KSampler (quantized)")]["inputs"]["model"] = ["20", 0]
+    graph[_node_id(graph, "KSampler", "KSampler (float)")]["inputs"]["model"] = ["21", 0]
+    log_before = len(server.log_tail(10**9))
+    entry, seconds = server.run(graph)
+    _succeeded(entry, server)
+    assert "lora key not loaded" not in server.log_tail(10**9)[log_before:]
+    assert _node_id(graph, "FidelityQuantCalibrate") in _messages(entry, "execution_cached")[0]["nodes"]
+    g1, e1, _ = workflow1
+    quant = server.image(entry["outputs"][_node_id(graph, "SaveImage", "Save (quantized)")]["images"][0]).float()
+    plain = server.image(e1["outputs"][_node_id(g1, "SaveImage", "Save (quantized)")]["images"][0]).float()
+    assert not torch.equal(quant, plain)  # the LoRA took effect on the quantized model
+    compare = entry["outputs"][_node_id(graph, "FidelityQuantCompare")]["text"][0]
+    psnr = float(re.search(r"mean: PSNR ([\d.]+) dB", compare).group(1))
+    print(f"\nworkflow 1 + LoRA on both branches: {seconds:.1f} s; quantized+LoRA vs float+LoRA: {compare}")
+    assert psnr > PSNR_THRESHOLD_DB, compare
