@@ -103,6 +103,11 @@ def save_quantized(quant_result, filename) -> str:
     stem = Path(filename).stem or "fidelityquant"
     if Path(filename).name != filename or stem.startswith("."):
         raise ValueError(f"FidelityQuant: {filename!r} must be a plain file name (no folders)")
+    if quant_result.merged_layers():
+        # ComfyUI unpatches lazily: a LoRA merged for an earlier sampling run can still sit in the layers.
+        import comfy.model_management
+
+        comfy.model_management.unload_all_models()
     folder = folder_paths.get_folder_paths(FOLDER)[0]
     path = Path(folder) / f"{stem}.safetensors"
     counter = 1

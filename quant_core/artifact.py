@@ -30,6 +30,11 @@ def save_result(result, path: str, overwrite: bool = False) -> str:
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True")
+    merged = result.merged_layers()
+    if merged:
+        raise ValueError(f"{len(merged)} quantized layers (e.g. {merged[0]}) still hold a merged weight patch "
+                         "(a LoRA applied for sampling and not unpatched yet); saving now would bake it into the "
+                         "file. Unpatch first (in ComfyUI: unload the models), or calibrate with the LoRA applied.")
     tensors, specs = {}, {}
     for name, layer in result.layers.items():
         specs[name] = layer.spec()

@@ -302,3 +302,20 @@ def test_weight_patch_under_inference_mode(bits):
     with torch.inference_mode():
         layer.weight = torch.nn.Parameter(codes.clone(), requires_grad=False)  # what ComfyUI's unpatch restores
         assert torch.equal(layer(x), plain)
+
+
+def test_saving_refuses_a_result_whose_layers_hold_a_merged_patch(tmp_path):
+    """ComfyUI unpatches lazily: after a LoRA run the codes may still be the merged ones. Saving then
+    would bake the LoRA into the file, so it is refused until the patch is undone."""
+    from quant_core.artifact import save_result
+
+    _, q, _ = _layer("linear", 8)
+    result = _result(q)
+    codes = q.weight
+    q.set_weight(q.convert_weight(q.weight.detach().clone()) * 1.1)
+    assert result.merged_layers() == ["blk.proj"]
+    with pytest.raises(ValueError, match="merged weight patch"):
+        save_result(result, tmp_path / "merged.safetensors")
+    assert not (tmp_path / "merged.safetensors").exists()
+    q.weight = codes  # ComfyUI's unpatch puts the backed-up codes back
+    assert result.merged_layers() == []
