@@ -487,7 +487,6 @@ def test_lora_on_the_quantized_model_in_the_server(server, workflow1):
     entry, seconds = server.run(graph)
     _succeeded(entry, server)
     assert "lora key not loaded" not in server.log_tail(10**9)[log_before:]
-    assert _node_id(graph, "FidelityQuantCalibrate") in _messages(entry, "execution_cached")[0]["nodes"]
     g1, e1, _ = workflow1
     quant = server.image(entry["outputs"][_node_id(graph, "SaveImage", "Save (quantized)")]["images"][0]).float()
     plain = server.image(e1["outputs"][_node_id(g1, "SaveImage", "Save (quantized)")]["images"][0]).float()
