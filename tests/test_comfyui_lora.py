@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from comfyui_env import import_comfyui
+
 REPO = Path(__file__).resolve().parents[1]
 PACK = "fidelityquant_pack_lora_tests"
 LORA_TARGETS = {  # ldm module -> rank: attention, feed-forward and the 1x1 conv projections
@@ -40,25 +42,14 @@ TIME_TARGETS = {"time_embed.0": 16, "time_embed.2": 16, "input_blocks.1.0.emb_la
 # ---------------------------------------------------------------------- ComfyUI and the tiny model
 
 def _comfy():
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("COMFYUI_PATH is not set (point it at a ComfyUI checkout to run the LoRA/ControlNet tests)")
-    for extra in (path, os.path.join(path, "_shims")):  # _shims: a local pure-Python torchvision, if any
-        if os.path.isdir(extra) and extra not in sys.path:
-            sys.path.append(extra)
+    path = import_comfyui("the LoRA/ControlNet tests", "comfy.controlnet", "comfy.lora", "comfy.model_management",
+                          "comfy.sample", "comfy.sd", "folder_paths")
     try:
-        import comfy.cli_args
-        if "comfy.model_management" not in sys.modules and not torch.cuda.is_available():
-            comfy.cli_args.args.cpu = True
-        import comfy.controlnet
-        import comfy.lora
-        import comfy.model_management
-        import comfy.sample
-        import comfy.sd
-        import folder_paths
-        nodes = _comfy_nodes(path)
+        nodes = _comfy_nodes(str(path))
     except Exception as exc:  # missing dependency or incompatible checkout
         pytest.skip(f"ComfyUI at {path} is not importable: {type(exc).__name__}: {exc}")
+    import comfy
+    import folder_paths
     return comfy, folder_paths, nodes
 
 

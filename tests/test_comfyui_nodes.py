@@ -12,27 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from comfyui_env import import_comfyui
+
 REPO = Path(__file__).resolve().parents[1]
 NODE_IDS = {"FidelityQuantCalibrate", "FidelityQuantSave", "FidelityQuantLoad", "FidelityQuantCompare"}
 
 
 def _comfy():
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("COMFYUI_PATH is not set (point it at a ComfyUI checkout to run the node tests)")
-    for extra in (path, os.path.join(path, "_shims")):  # _shims: a local pure-Python torchvision, if any
-        if os.path.isdir(extra) and extra not in sys.path:
-            sys.path.append(extra)
-    try:
-        import comfy.cli_args
-        if "comfy.model_management" not in sys.modules and not torch.cuda.is_available():
-            comfy.cli_args.args.cpu = True
-        import comfy.model_management
-        import comfy.sample
-        import comfy.sd
-        import folder_paths
-    except Exception as exc:  # missing dependency or incompatible checkout
-        pytest.skip(f"ComfyUI at {path} is not importable: {type(exc).__name__}: {exc}")
+    import_comfyui("the node tests", "comfy.model_management", "comfy.sample", "comfy.sd", "folder_paths")
+    import comfy
+    import folder_paths
     return comfy, folder_paths
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from comfyui_env import import_comfyui
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 PACK_DIR = "ComfyUI-FidelityQuant"
@@ -105,18 +107,8 @@ def _tiny_unet(ops, device="meta"):
 
 def _write_models(comfy_path: Path, models: Path) -> None:
     """models/checkpoints/tiny_sd15.safetensors (UNet + TAESD + CLIP-L) and models/diffusion_models/other_unet."""
-    for extra in (str(comfy_path), str(comfy_path / "_shims")):
-        if os.path.isdir(extra) and extra not in sys.path:
-            sys.path.append(extra)
-    try:
-        import comfy.cli_args
-        if "comfy.model_management" not in sys.modules and not torch.cuda.is_available():
-            comfy.cli_args.args.cpu = True
-        import comfy.clip_model
-        import comfy.ops
-        import comfy.taesd.taesd
-    except Exception as exc:  # missing dependency or incompatible checkout
-        pytest.skip(f"ComfyUI at {comfy_path} is not importable here: {type(exc).__name__}: {exc}")
+    import_comfyui("the headless-server tests", "comfy.clip_model", "comfy.ops", "comfy.taesd.taesd")
+    import comfy
     from safetensors.torch import save_file
 
     ops = comfy.ops.disable_weight_init

@@ -268,29 +268,15 @@ def comfyui_unet(variant: str = "sd1"):
     linear projections, label_emb with adm_in_channels 2816), channel_mult (1, 2), one ResBlock per level,
     built with comfy.ops.disable_weight_init and then initialised here. Cached: deepcopy before mutating.
     """
-    import os
-    import sys
+    from comfyui_env import comfyui_path, import_comfyui
 
-    import pytest
-
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("COMFYUI_PATH is not set (point it at a ComfyUI checkout to test the ldm family on ComfyUI)")
+    comfyui_path("the ldm adapter tests on ComfyUI's UNetModel")
     if variant in _COMFY_CACHE:
         return _COMFY_CACHE[variant]
-    if not os.path.isdir(os.path.join(path, "comfy")):
-        pytest.skip(f"COMFYUI_PATH={path} has no comfy/ package")
-    if path not in sys.path:
-        sys.path.append(path)
-    try:
-        if "comfy.model_management" not in sys.modules:
-            import comfy.cli_args
-            if not torch.cuda.is_available():
-                comfy.cli_args.args.cpu = True  # read when comfy.model_management is imported
-        import comfy.ops
-        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel as ComfyUNetModel
-    except Exception as exc:  # missing dependency (psutil, einops, ...) or an incompatible checkout
-        pytest.skip(f"ComfyUI at {path} is not importable: {type(exc).__name__}: {exc}")
+    import_comfyui("the ldm adapter tests on ComfyUI's UNetModel", "comfy.ops",
+                   "comfy.ldm.modules.diffusionmodules.openaimodel")
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel as ComfyUNetModel
     kw = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1, 1],
               channel_mult=(1, 2), transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
               transformer_depth_middle=1, use_spatial_transformer=True, context_dim=768, num_heads=-1,
