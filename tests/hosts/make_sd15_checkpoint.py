@@ -176,8 +176,10 @@ def write_lora(args, unet, torch, save_file):
         out[key + ".lora_up.weight"] = up.half().contiguous()
         out[key + ".alpha"] = torch.tensor(float(r)).half()
         n += 1
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(r), "ss_network_alpha": str(r),
-            "ss_base_model_version": "sd_v1", "fidelityquant_test_lora": "1"}
+    # one metadata entry only: safetensors writes several in varying order, and the file bytes
+    # (its sha256) should depend on the seed alone
+    meta = {"fidelityquant_test_lora": json.dumps({"seed": args.seed, "rank": r, "alpha": r,
+                                                   "strength": args.lora_strength, "base": "sd_v1"})}
     save_file(out, args.lora, metadata=meta)
     print(json.dumps({"lora": args.lora, "bytes": os.path.getsize(args.lora), "layers": n, "rank": r}))
 

@@ -146,7 +146,7 @@ fi
 [ -n "$PYBIN" ] || { echo "no Python $PYVER found (pyenv or python$PYVER)" >&2; exit 1; }
 [ -x "$DEST/venv/bin/python" ] || "$PYBIN" -m venv "$DEST/venv"
 PY=$DEST/venv/bin/python
-installed() { "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('$1') == '$2' else 1)" 2>/dev/null; }
+installed() { "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('$1').split('+')[0] == '$2' else 1)" 2>/dev/null; }
 # torch 2.1.2 from PyPI is a CUDA build; it runs on CPU. The machine-wide pip
 # constraint file (if any) only caps versions, so it does not get in the way.
 installed torch 2.1.2 && installed torchvision 0.16.2 || "$PY" -m pip install torch==2.1.2 torchvision==0.16.2
