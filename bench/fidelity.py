@@ -70,7 +70,7 @@ class ProxyModel:
     """The bundled proxy (bench/proxy): pixel space, so the 'latent' is the final x before clamping."""
 
     def __init__(self, args):
-        from quant_core.demo import ProxyRunner, calibration_prompts, load_default_model, load_proxy_module
+        from bench.demo import ProxyRunner, calibration_prompts, load_default_model, load_proxy_module
 
         self.proxy = proxy = load_proxy_module()
         bundle, self.trained = load_default_model(proxy, 0)

@@ -1,8 +1,8 @@
-"""Command line: ``python -m quant_core demo`` and ``python -m quant_core quantize``.
+"""Command line: ``python -m quant_core quantize``.
 
-demo      runs the whole method on the bundled proxy model (bench/proxy, a small trained
-          text-to-image UNet), prints float vs naive vs ours fidelity and writes a side-by-side image.
 quantize  calibrates a user's diffusers model folder on a prompt file and writes one safetensors file.
+
+The demo on the bundled proxy model is not part of the engine: ``python bench/demo.py``.
 """
 from __future__ import annotations
 
@@ -64,26 +64,10 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    return run_demo(args)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quant_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="run the method on the bundled proxy model")
-    demo.add_argument("--preset", default="W4A8", choices=sorted(PRESETS))
-    demo.add_argument("--baseline", default=None, help="baseline preset (default: naive-<same bits>)")
-    demo.add_argument("--images", type=int, default=6, help="held-out prompts to compare")
-    demo.add_argument("--steps", type=int, default=10)
-    demo.add_argument("--calib-prompts", type=int, default=16, help="calibration prompts (training-style captions)")
-    demo.add_argument("--out", default="out/demo", help="folder for the side-by-side image and report")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=cmd_demo)
 
     q = sub.add_parser("quantize", help="calibrate a diffusers model folder and save the result")
     q.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json)")

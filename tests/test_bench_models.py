@@ -39,7 +39,7 @@ def test_fidelity_benchmark_json(tmp_path):
 
 def test_fidelity_held_out_prompts_never_seen_in_calibration():
     bench = _load("fidelity")
-    from quant_core.demo import calibration_prompts, load_proxy_module
+    from bench.demo import calibration_prompts, load_proxy_module
 
     proxy = load_proxy_module()
     held = bench.held_out_prompts(proxy, 64)
