@@ -51,6 +51,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.tiny_models import FakeClip, comfy_sd15_unet  # noqa: E402
+
 
 def setup_comfy(path: str):
     for extra in (path, os.path.join(path, "_shims")):  # _shims: a pure-Python torchvision, if needed
@@ -72,33 +74,10 @@ def setup_comfy(path: str):
 
 
 def build_model(comfy, levels: int, latent: int, seed: int = 0):
-    import comfy.ldm.modules.diffusionmodules.openaimodel as oam
-    import comfy.ops
-    unet = oam.UNetModel(image_size=latent, in_channels=4, out_channels=4, model_channels=320,
-                         num_res_blocks=[1] * levels, channel_mult=tuple(2 ** i if i < 3 else 4 for i in range(levels)),
-                         transformer_depth=[1] * levels, transformer_depth_output=[1, 1] * levels,
-                         transformer_depth_middle=1, use_spatial_transformer=True, context_dim=768, num_heads=8,
-                         use_linear_in_transformer=False, legacy=False, operations=comfy.ops.disable_weight_init)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            scale = 0.02 if name.endswith("bias") else 1 / max(1, p[0].numel()) ** 0.5
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen) if p.dim() == 1 and "norm" in name
-                    else torch.randn(p.shape, generator=gen) * scale)
-    params = sum(p.numel() for p in unet.parameters())
+    """(ModelPatcher, parameter count) of the seeded SD1.5-layout UNet (bench/tiny_models.py), loaded by ComfyUI."""
+    unet = comfy_sd15_unet(levels, image_size=latent, seed=seed)
     state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    return comfy.sd.load_diffusion_model_state_dict(state), params
-
-
-class FakeClip:
-    """Prompt -> fixed seeded (1, 77, 768) embedding (text encoding is not what is measured)."""
-
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens_scheduled(self, tokens):
-        gen = torch.Generator().manual_seed(sum(map(ord, tokens)) + 1)
-        return [[torch.randn(1, 77, 768, generator=gen) * (0 if not tokens else 1), {}]]
+    return comfy.sd.load_diffusion_model_state_dict(state), sum(p.numel() for p in unet.parameters())
 
 
 TARGET_SUFFIXES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",

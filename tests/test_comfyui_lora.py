@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.tiny_models import FakeClip, comfy_sd15_config, comfy_sd15_state, seeded_init
 from comfyui_env import import_comfyui
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,39 +76,8 @@ def _pack():
     return pack
 
 
-TINY = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=(1,),
-            transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1,
-            use_spatial_transformer=True, context_dim=768, num_heads=8, use_linear_in_transformer=False, legacy=False)
-
-
-def _seeded(module, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            scale = 0.02 if name.endswith("bias") else 1 / max(1, p[0].numel()) ** 0.5
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen) if p.dim() == 1 and "norm" in name
-                    else torch.randn(p.shape, generator=gen) * scale)
-    return module
-
-
-def _tiny_state(seed=0):
-    import comfy.ldm.modules.diffusionmodules.openaimodel as oam
-    import comfy.ops
-    unet = _seeded(oam.UNetModel(**TINY, operations=comfy.ops.disable_weight_init), seed)
-    return {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-
-
 def _load(comfy, state, dtype=None):
     return comfy.sd.load_diffusion_model_state_dict(dict(state), model_options={"dtype": dtype} if dtype else {})
-
-
-class FakeClip:
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens_scheduled(self, tokens):
-        gen = torch.Generator().manual_seed(sum(map(ord, tokens)) + 1)
-        return [[torch.randn(1, 77, 768, generator=gen) * (0 if not tokens else 1), {}]]
 
 
 def _conds():
@@ -173,7 +143,7 @@ def write_lora(path, comfy, model, targets, seed, size=0.25, extra=None):
 def env(tmp_path_factory):
     comfy, folder_paths, nodes = _comfy()
     pack = _pack()
-    state = _tiny_state()
+    state = comfy_sd15_state()
     model = _load(comfy, state)
     fn = pack.nodes.fidelity_nodes.CalibrateAndQuantize().run
     qmodel, result, report = fn(model=model, clip=FakeClip(), prompts="a red house\na blue boat\na green tree",
@@ -447,9 +417,9 @@ def _controlnet(comfy, seed=7):
     """A seeded ControlNet for the tiny checkpoint, loaded by ComfyUI's own loader from its state dict."""
     import comfy.cldm.cldm
     import comfy.ops
-    net = comfy.cldm.cldm.ControlNet(hint_channels=3, **{k: v for k, v in TINY.items() if k != "out_channels"},
-                                     operations=comfy.ops.disable_weight_init)
-    _seeded(net, seed)
+    config = {k: v for k, v in comfy_sd15_config().items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, **config, operations=comfy.ops.disable_weight_init)
+    seeded_init(net, seed)
     with torch.no_grad():  # real ControlNets start from zero convs; trained ones are small, not zero
         for name, p in net.named_parameters():
             if name.startswith(("zero_convs", "middle_block_out")):
@@ -503,7 +473,7 @@ def test_model_merge_into_the_quantized_model(env, caplog, capsys):
     the quantized layers through convert_weight / set_weight (model2.get_key_patches)."""
     comfy, model, qmodel, result = env["comfy"], env["model"], env["qmodel"], env["result"]
     from comfy_extras.nodes_model_merging import ModelMergeSimple
-    other = _load(comfy, _tiny_state(seed=1))
+    other = _load(comfy, comfy_sd15_state(seed=1))
     with caplog.at_level(logging.WARNING, logger="fidelityquant"):
         float_merge = _sample(comfy, ModelMergeSimple().merge(model, other, 0.5)[0])
         quant_merge = _sample(comfy, ModelMergeSimple().merge(qmodel, other, 0.5)[0])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.tiny_models import FakeClip, load_comfy_sd15
 from comfyui_env import import_comfyui
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,33 +41,8 @@ def env():
 
 
 def _tiny_sd15(comfy, seed):
-    import comfy.ldm.modules.diffusionmodules.openaimodel as oam
-    import comfy.ops
-
-    torch.manual_seed(seed)
-    unet = oam.UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
-                         channel_mult=(1,), transformer_depth=[1], transformer_depth_output=[1, 1],
-                         transformer_depth_middle=1, use_spatial_transformer=True, context_dim=768, num_heads=8,
-                         use_linear_in_transformer=False, legacy=False, operations=comfy.ops.disable_weight_init)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            scale = 0.02 if name.endswith("bias") else 1 / max(1, p[0].numel()) ** 0.5
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen) if p.dim() == 1 and "norm" in name
-                    else torch.randn(p.shape, generator=gen) * scale)
-    state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    return comfy.sd.load_diffusion_model_state_dict(state)
-
-
-class FakeClip:
-    """Stand-in for CLIP: a prompt maps to a fixed seeded (1, 77, 768) embedding."""
-
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens_scheduled(self, tokens):
-        gen = torch.Generator().manual_seed(sum(map(ord, tokens)) + 1)
-        return [[torch.randn(1, 77, 768, generator=gen) * (0 if not tokens else 1), {}]]
+    torch.manual_seed(seed)  # the global RNG state the rest of each test was written against
+    return load_comfy_sd15(seed)
 
 
 def _sample(comfy, model, seed=3, steps=3):

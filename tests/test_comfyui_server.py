@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.tiny_models import comfy_sd15_unet
 from comfyui_env import import_comfyui
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,12 +98,7 @@ def _random_state(module: torch.nn.Module, seed: int, gain: float = 1.0) -> dict
 
 
 def _tiny_unet(ops, device="meta"):
-    import comfy.ldm.modules.diffusionmodules.openaimodel as oam
-
-    return oam.UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
-                         channel_mult=(1,), transformer_depth=[1], transformer_depth_output=[1, 1],
-                         transformer_depth_middle=1, use_spatial_transformer=True, context_dim=768, num_heads=8,
-                         use_linear_in_transformer=False, legacy=False, device=device, operations=ops)
+    return comfy_sd15_unet(seed=None, operations=ops, device=device)  # weights: _random_state
 
 
 def _write_models(comfy_path: Path, models: Path) -> None:

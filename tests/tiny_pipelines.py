@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from bench.tiny_models import tiny_unet as build_tiny_unet
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 77  # CLIP's context length; the text encoders have 77 positions
 
@@ -133,30 +135,10 @@ def _scheduler(name: str):
 
 def make_tiny_unet(variant: str = "sd1", seed: int = 0, cross_attention_dim: int | None = None,
                    pooled_dim: int = 32):
-    """The pipelines' UNet2DConditionModel alone (sd1: context 32; sd2: 64, linear proj; sdxl: 64, text_time)."""
-    from diffusers import UNet2DConditionModel
-
-    common = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                  norm_num_groups=16, attention_head_dim=8)
-    if variant == "sd1":
-        kwargs = dict(cross_attention_dim=cross_attention_dim or 32,
-                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    elif variant == "sd2":
-        kwargs = dict(cross_attention_dim=cross_attention_dim or 64, use_linear_projection=True,
-                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    elif variant == "sdxl":
-        # SDXL layout: no attention at the highest resolution, linear projections, 2 transformer layers
-        # in the lower block, "text_time" added conditioning (pooled text + 6 size/crop ids).
-        kwargs = dict(cross_attention_dim=cross_attention_dim or 64, use_linear_projection=True,
-                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-                      addition_embed_type="text_time", addition_time_embed_dim=8,
-                      projection_class_embeddings_input_dim=pooled_dim + 6 * 8)
-    else:
-        raise ValueError(f"unknown variant {variant!r} (expected 'sd1', 'sd2' or 'sdxl')")
-    return _seeded(seed, lambda: UNet2DConditionModel(**common, **kwargs).eval())
+    """The pipelines' UNet2DConditionModel alone (sd1: context 32; sd2: 64, linear proj; sdxl: 64, SDXL block
+    layout, text_time), from the shared builder (bench/tiny_models.py), leaving the global RNG untouched."""
+    return build_tiny_unet(variant, seed, context=cross_attention_dim or {"sd1": 32, "sd2": 64, "sdxl": 64}.get(variant),
+                           pooled=pooled_dim, norm_groups=16)
 
 
 def make_tiny_sd_pipeline(seed: int = 0, variant: str = "sd1", scheduler: str = "ddim"):

@@ -1,27 +1,17 @@
-"""Small seeded UNets (diffusers layout) and a plain sampler loop used as a calibration runner."""
+"""Small seeded UNets (diffusers layout) and a plain sampler loop used as a calibration runner.
+
+The diffusers UNets come from the one shared builder, bench/tiny_models.py ``tiny_unet``; the names here
+are the widths the tests were written against."""
 import torch
+
+from bench.tiny_models import tiny_unet as build_tiny_unet
 
 
 def tiny_unet(variant: str = "sd1", seed: int = 0):
-    """A UNet2DConditionModel with SD structure (ResBlocks, cross-attention, skips), small channels."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    common = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                  block_out_channels=(32, 64), norm_num_groups=16,
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    if variant == "sd1":
-        unet = UNet2DConditionModel(cross_attention_dim=64, attention_head_dim=8, **common)
-    elif variant == "sd2":
-        unet = UNet2DConditionModel(cross_attention_dim=96, attention_head_dim=8, use_linear_projection=True, **common)
-    elif variant == "sdxl":
-        unet = UNet2DConditionModel(cross_attention_dim=64, attention_head_dim=8, use_linear_projection=True,
-                                    addition_embed_type="text_time", addition_time_embed_dim=8,
-                                    projection_class_embeddings_input_dim=64 + 6 * 8, **common)
-    else:
-        raise ValueError(variant)
-    return unet.eval()
+    """The calibration tests' UNet: contexts 64 / 96 / 64, SDXL conditioning on the SD1 block layout (pooled 64),
+    seeded on the global RNG (the tests' later random draws follow from it)."""
+    return build_tiny_unet(variant, seed, context={"sd1": 64, "sd2": 96, "sdxl": 64}.get(variant), pooled=64,
+                           sdxl_blocks=False, norm_groups=16, isolate_rng=False)
 
 
 class LoopRunner:
@@ -67,27 +57,9 @@ class LoopRunner:
 # (ComfyUI / A1111 module names) for when ComfyUI itself is not importable.
 
 def diffusers_unet(variant: str = "sd1", seed: int = 0):
-    """Seeded UNet2DConditionModel, block_out_channels (32, 64), SD1 / SD2 / SDXL conditioning layout."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                  attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    if variant == "sd1":
-        unet = UNet2DConditionModel(cross_attention_dim=768, **common)
-    elif variant == "sd2":
-        unet = UNet2DConditionModel(cross_attention_dim=1024, use_linear_projection=True, **common)
-    elif variant == "sdxl":
-        common.update(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-        unet = UNet2DConditionModel(cross_attention_dim=2048, use_linear_projection=True,
-                                    transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
-                                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
-                                    **common)
-    else:
-        raise ValueError(variant)
-    return unet.eval()
+    """The adapter tests' UNet: the real SD context widths (768 / 1024 / 2048), SDXL block layout, sample 8,
+    seeded on the global RNG."""
+    return build_tiny_unet(variant, seed, sample_size=8, isolate_rng=False)
 
 
 def diffusers_call(unet, batch: int = 2, tokens: int = 5, seed: int = 1) -> dict:
