@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 from quant_core import metrics  # noqa: E402
 from quant_core.__main__ import _progress_bar  # noqa: E402
 from quant_core.config import PRESETS, preset  # noqa: E402
-from quant_core.quantize import quantize  # noqa: E402
+from quant_core import quantize  # noqa: E402
 
 CFG = 3.0  # the proxy's guidance scale (bench/proxy/sample.py default)
 BASELINES = {  # what each baseline preset does, for the printed labels

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from quant_core import metrics  # noqa: E402
 from quant_core.config import preset  # noqa: E402
-from quant_core.quantize import quantize  # noqa: E402
+from quant_core import quantize  # noqa: E402
 
 # (name, preset, overrides, what it shows)
 VARIANTS = [
@@ -95,7 +95,7 @@ class DiffusersModel:
     """A user's diffusers folder (SD1.x / 2.x / XL): latents from the pipeline, images through its VAE."""
 
     def __init__(self, args):
-        from quant_core.runners import DiffusersRunner, load_diffusers_pipeline
+        from quant_core.models.runners import DiffusersRunner, load_diffusers_pipeline
 
         self.pipe = load_diffusers_pipeline(args.model)
         self.unet = self.pipe.unet

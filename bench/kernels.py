@@ -41,7 +41,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from quant_core import QuantConv2d, QuantLinear, formats, kernels  # noqa: E402
+from quant_core import QuantConv2d, QuantLinear  # noqa: E402
+from quant_core.runtime import formats, kernels  # noqa: E402
 
 GROUP_SIZE = 64
 WEIGHT_STD = 0.03
@@ -424,15 +425,8 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return sorted(f for f in flags if "vnni" in f or "amx" in f or f in ("avx512f", "avx512_bf16"))
-    except OSError:
-        pass
-    return []
+    """The CPU flags that decide int8 / bf16 kernel choice (read once, by the engine)."""
+    return sorted(f for f in kernels.cpu_flags() if "vnni" in f or "amx" in f or f in ("avx512f", "avx512_bf16"))
 
 
 def git_commit() -> str | None:

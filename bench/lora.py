@@ -139,11 +139,12 @@ def branch_model(pack, qmodel, result, loras: list):
                 up, down = lora[key], lora[stem + ".lora_down.weight"]
                 alpha = float(lora[stem + ".alpha"]) if stem + ".alpha" in lora else down.shape[0]
                 per_layer.setdefault(name, []).append((down, up, strength * alpha / down.shape[0]))
-    by_flat = {n.replace(".", "_"): n for n in result.layers}
+    layers = pack.nodes.patching.runtime_for(result, qmodel.model).layers  # the quantized MODEL's layer modules
+    by_flat = {n.replace(".", "_"): n for n in layers}
     for flat, factors in per_layer.items():
         name = by_flat.get(flat)
         if name is not None:
-            m.add_object_patch(f"diffusion_model.{name}", LoRABranch(result.layers[name], factors))
+            m.add_object_patch(f"diffusion_model.{name}", LoRABranch(layers[name], factors))
     pack.nodes.patching.fresh_weight_state(m)
     return m
 

@@ -67,11 +67,11 @@ def unet_as_run_by(model):
 
 def calibrate_and_quantize(model, clip, prompts, negative, steps, cfg, sampler_name, scheduler, width, height,
                            seed, preset, timestep_groups, bits_budget, consistency_pass, memory_limit_mb):
-    """-> (quantized MODEL, QuantResult, report). The input MODEL is not modified."""
+    """-> (quantized MODEL, Calibration, report). The input MODEL is not modified."""
     import comfy.model_management
     import comfy.utils
 
-    from quant_core.quantize import quantize
+    from quant_core.calibrate.pipeline import quantize
 
     lines = [p.strip() for p in prompts.splitlines() if p.strip()]
     if not lines:
@@ -91,8 +91,8 @@ def calibrate_and_quantize(model, clip, prompts, negative, steps, cfg, sampler_n
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     with outside_inference_mode():
-        result = quantize(pristine_unet(model), runner, make_preset(preset, **options), progress=progress)
-        return quantized_model(model, result), result, result.summary()
+        calibration = quantize(pristine_unet(model), runner, make_preset(preset, **options), progress=progress)
+        return quantized_model(model, calibration), calibration, calibration.summary()
 
 
 def save_quantized(quant_result, filename) -> str:
@@ -103,11 +103,6 @@ def save_quantized(quant_result, filename) -> str:
     stem = Path(filename).stem or "fidelityquant"
     if Path(filename).name != filename or stem.startswith("."):
         raise ValueError(f"FidelityQuant: {filename!r} must be a plain file name (no folders)")
-    if quant_result.merged_layers():
-        # ComfyUI unpatches lazily: a LoRA merged for an earlier sampling run can still sit in the layers.
-        import comfy.model_management
-
-        comfy.model_management.unload_all_models()
     folder = folder_paths.get_folder_paths(FOLDER)[0]
     path = Path(folder) / f"{stem}.safetensors"
     counter = 1
@@ -125,8 +120,8 @@ def load_quantized(model, file):
     register_folder()
     path = folder_paths.get_full_path_or_raise(FOLDER, file)
     with outside_inference_mode():
-        result = load_result(path, unet_as_run_by(model))
-        return quantized_model(model, result), result.summary()
+        calibration = load_result(path, unet_as_run_by(model))
+        return quantized_model(model, calibration), calibration.summary()
 
 
 def compare_images(reference, images):

@@ -1,12 +1,13 @@
 """ComfyUI glue: a quantized MODEL as a ModelPatcher clone, and a calibration runner on ComfyUI's sampler.
 
-The input MODEL is never modified: quantized layers and time lookups go in as object patches on a
-clone (ComfyUI applies them on load and undoes them on unload), and a DIFFUSION_MODEL wrapper hands
-each UNet call's timestep (0..999; APPLY_MODEL would see sigma) to the result for group routing.
+The input MODEL is never modified: the layers of a runtime built from the calibration (one runtime per
+calibration and model object, ``runtime_for``) go in as object patches on a clone (ComfyUI applies them on
+load and undoes them on unload), and a DIFFUSION_MODEL wrapper hands each UNet call's timestep (0..999;
+APPLY_MODEL would see sigma) to that runtime for group routing.
 
 LoRA and other weight patches on the quantized MODEL are merged by ComfyUI itself, once per load,
-through the layers' convert_weight / set_weight (quant_core/modules.py). An ON_LOAD callback tells
-the result that the weights may have changed (comfy/model_patcher.py: ``load`` runs the ON_LOAD
+through the layers' convert_weight / set_weight (nodes/comfy_layers.py). An ON_LOAD callback tells
+the runtime that the weights may have changed (comfy/model_patcher.py: ``load`` runs the ON_LOAD
 callbacks after patching weights), so time tables are re-verified and layer input ranges checked
 once, on the next call; the wrapper reports the check after that call.
 """
@@ -17,6 +18,10 @@ import weakref
 
 import torch
 
+from quant_core.runtime.layer_base import QuantLayer
+
+from .comfy_layers import COMFY_LAYER_KINDS
+
 WRAPPER_KEY = "fidelityquant"
 
 
@@ -25,12 +30,27 @@ def diffusion_model_of(model):
     return model.get_model_object("diffusion_model")
 
 
-def quantized_model(model, result):
-    """A clone of ``model`` whose UNet runs ``result``'s quantized layers."""
+# One runtime per (model object, calibration): ComfyUI merges LoRAs into the layers in place and unpatches
+# per model object, so two model objects (e.g. the checkpoint loaded again in fp16) never share layer objects.
+_RUNTIMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def runtime_for(calibration, base_model, timesteps_from_call=None):
+    """The runtime (quantized layers + routing) of ``calibration`` on ``base_model`` (a MODEL's ``.model``)."""
+    per_model = _RUNTIMES.setdefault(base_model, {})
+    entry = per_model.get(id(calibration))
+    if entry is None or entry[0]() is not calibration:
+        if timesteps_from_call is None:
+            raise KeyError("no FidelityQuant runtime for this calibration and model yet")
+        entry = (weakref.ref(calibration), calibration.runtime(timesteps_from_call, kinds=COMFY_LAYER_KINDS))
+        per_model[id(calibration)] = entry
+    return entry[1]
+
+
+def quantized_model(model, calibration):
+    """A clone of ``model`` whose UNet runs ``calibration``'s quantized layers."""
     import comfy.model_management
     import comfy.patcher_extension
-
-    from quant_core.adapters import detect_adapter
 
     unet = diffusion_model_of(model)
     # ComfyUI unpatches lazily: the shared UNet may still hold another clone's LoRA. The fingerprint
@@ -40,36 +60,27 @@ def quantized_model(model, result):
         comfy.model_management.load_models_gpu([model])
     else:
         unload_clones_of(model.model)
-    result.check_compatible(unet)
-    adapter = detect_adapter(unet)
-    owner = getattr(result, "_comfy_owner", None)
-    if owner is None or owner() is None:
-        result._comfy_owner = weakref.ref(model.model)
-    elif owner() is not model.model:
-        # Another model object (e.g. the checkpoint loaded again in fp16): ComfyUI merges LoRAs into the
-        # layers in place and unpatches per model object, so two models must never share layer objects.
-        unload_clones_of(owner())  # copy unpatched layers: undo the other model's lazily kept LoRA merges
-        result = result.copy()
-        result._comfy_owner = weakref.ref(model.model)
+    adapter = calibration.check_compatible(unet)
+    runtime = runtime_for(calibration, model.model, adapter.timesteps_from_call)
     patched = model.clone()
-    for name, module in result.replacements(unet).items():
+    for name, module in runtime.replacements(unet).items():
         patched.add_object_patch(f"diffusion_model.{name}", module)
     # Weight patches already on the MODEL (order 2: LoRA -> Calibrate) are baked into the quantized
     # layers (the fingerprint check above proved the weights match): merging them again would double
     # them. Patches added after this node (order 1) are merged into the quantized layers as usual.
     for key in list(patched.patches):
-        if key.startswith("diffusion_model.") and key[len("diffusion_model."):].rsplit(".", 1)[0] in result.layers:
+        if key.startswith("diffusion_model.") and key[len("diffusion_model."):].rsplit(".", 1)[0] in runtime.layers:
             del patched.patches[key]
     fresh_weight_state(patched)
 
     def route_timestep(executor, *args, **kwargs):
-        result.set_timesteps(adapter.timesteps_from_call(args, kwargs))
+        runtime.set_timesteps(adapter.timesteps_from_call(args, kwargs))
         out = executor(*args, **kwargs)
-        result.finish_call()
+        runtime.finish_call()
         return out
 
     def on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load):
-        result.weights_changed(patched=has_weight_patches(patcher))
+        runtime.weights_changed(patched=has_weight_patches(patcher))
 
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, route_timestep)
     patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, WRAPPER_KEY, on_load)
@@ -90,8 +101,6 @@ def drop_patches_of_quantized_layers(patcher, unet) -> None:
     """Order 2 (LoRA -> Calibrate): the quantized layers were built from the LoRA-merged weights, so
     the MODEL's weight patches must not be merged into them again in the consistency and evaluation
     passes; patches on layers that stay float (shared with the float UNet) are kept."""
-    from quant_core.modules import QuantConv2d, QuantLinear
-
     for key in list(patcher.patches):
         if not key.startswith("diffusion_model."):
             continue
@@ -100,7 +109,7 @@ def drop_patches_of_quantized_layers(patcher, unet) -> None:
             module = unet.get_submodule(owner)
         except AttributeError:
             continue
-        if isinstance(module, (QuantLinear, QuantConv2d)):
+        if isinstance(module, QuantLayer):
             del patcher.patches[key]
 
 

@@ -41,8 +41,8 @@ def _read_prompts(path: str) -> list:
 
 def cmd_quantize(args) -> int:
     from .artifact import save_result
-    from .quantize import quantize
-    from .runners import DiffusersRunner, load_diffusers_pipeline
+    from .calibrate.pipeline import quantize
+    from .models.runners import DiffusersRunner, load_diffusers_pipeline
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

@@ -9,13 +9,12 @@ import json
 import os
 import tempfile
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .calibration import Calibration, LayerState
 from .config import QuantConfig
-from .modules import layer_from_spec
-from .result import QuantResult
+from .runtime.layers import layer_from_spec
 
 FORMAT_NAME = "fidelityquant"
 FORMAT_VERSION = 1
@@ -25,36 +24,37 @@ class QuantFileError(ValueError):
     """A file that is not a readable FidelityQuant result."""
 
 
-def save_result(result, path: str, overwrite: bool = False) -> str:
-    """Write ``result`` to ``path`` atomically; refuses to replace an existing file unless asked."""
+def save_result(calibration: Calibration, path: str, overwrite: bool = False) -> str:
+    """Write ``calibration`` to ``path`` atomically; refuses to replace an existing file unless asked.
+
+    A calibration is never changed by weight patches (they act on a runtime's layers), so what is
+    written is always the calibrated model, even while a LoRA is merged for sampling.
+    """
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True")
-    merged = result.merged_layers()
-    if merged:
-        raise ValueError(f"{len(merged)} quantized layers (e.g. {merged[0]}) still hold a merged weight patch "
-                         "(a LoRA applied for sampling and not unpatched yet); saving now would bake it into the "
-                         "file. Unpatch first (in ComfyUI: unload the models), or calibrate with the LoRA applied.")
     tensors, specs = {}, {}
-    for name, layer in result.layers.items():
-        specs[name] = layer.spec()
-        for key, tensor in layer.state_dict().items():
+    for name, state in calibration.layers.items():
+        specs[name] = state.spec
+        for key, tensor in state.tensors.items():
             tensors[f"layer.{name}.{key}"] = tensor.detach().contiguous().cpu()
-    for name, table in result.time_tables.items():
+    for name, table in calibration.time_tables.items():
         tensors[f"time.{name}"] = table.detach().float().contiguous().cpu()
-    if result.time_keys is not None:
-        tensors["time_keys"] = result.time_keys.detach().float().contiguous().cpu()
+    if calibration.time_keys is not None:
+        tensors["time_keys"] = calibration.time_keys.detach().float().contiguous().cpu()
+    # Metadata keys keep their first names ("family" is the layout, "variant" the SD version, "groups"
+    # the timestep groups), so files written by earlier versions load unchanged.
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
-        "family": result.family,
-        "variant": result.variant,
-        "fingerprint": json.dumps(result.base_fingerprint),
-        "config": json.dumps(result.config.to_dict()),
+        "family": calibration.layout,
+        "variant": calibration.sd_version,
+        "fingerprint": json.dumps(calibration.base_fingerprint),
+        "config": json.dumps(calibration.config.to_dict()),
         "layers": json.dumps(specs),
-        "groups": json.dumps(result.group_keys),
-        "plan": json.dumps(result.plan),
-        "report": json.dumps(result.report, default=float),
+        "groups": json.dumps(calibration.step_groups),
+        "plan": json.dumps(calibration.plan),
+        "report": json.dumps(calibration.report, default=float),
     }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -90,28 +90,28 @@ def read_metadata(path: str) -> dict:
     return metadata
 
 
-def load_result(path: str, unet=None, device=None):
-    """Read a result; if ``unet`` is given, refuse a file made for another model."""
+def load_result(path: str, unet=None, device=None) -> Calibration:
+    """Read a calibration; if ``unet`` is given, refuse a file made for another model."""
     metadata = read_metadata(path)
     try:
         specs = json.loads(metadata["layers"])
-        layers = {name: layer_from_spec(spec, device=device) for name, spec in specs.items()}
-        time_tables, time_keys = {}, None
+        layers, time_tables, time_keys = {}, {}, None
         with safe_open(os.fspath(path), framework="pt", device=str(device or "cpu")) as f:
             keys = set(f.keys())
-            for name, layer in layers.items():
-                state = {k: f.get_tensor(f"layer.{name}.{k}") for k in layer.state_dict()}
-                layer.load_state_dict(state)
+            for name, spec in specs.items():
+                layer = layer_from_spec(spec, device=device)
+                layer.load_state_dict({k: f.get_tensor(f"layer.{name}.{k}") for k in layer.state_dict()})
+                layers[name] = LayerState.of(layer)
             for key in keys:
                 if key.startswith("time."):
                     time_tables[key[len("time."):]] = f.get_tensor(key)
             if "time_keys" in keys:
                 time_keys = f.get_tensor("time_keys")
-        result = QuantResult(
-            family=metadata["family"], variant=metadata["variant"],
+        calibration = Calibration(
+            layout=metadata["family"], sd_version=metadata["variant"],
             config=QuantConfig.from_dict(json.loads(metadata["config"])),
             base_fingerprint=json.loads(metadata["fingerprint"]), layers=layers,
-            group_keys=json.loads(metadata["groups"]), time_keys=time_keys, time_tables=time_tables,
+            step_groups=json.loads(metadata["groups"]), time_keys=time_keys, time_tables=time_tables,
             plan=json.loads(metadata["plan"]), report=json.loads(metadata["report"]))
     except QuantFileError:
         raise
@@ -119,5 +119,5 @@ def load_result(path: str, unet=None, device=None):
         raise QuantFileError(f"{path} could not be read as a FidelityQuant result ({type(exc).__name__}: {exc}); "
                              "the file is damaged or incomplete. Re-save it or calibrate again.") from exc
     if unet is not None:
-        result.check_compatible(unet)
-    return result
+        calibration.check_compatible(unet)
+    return calibration

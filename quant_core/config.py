@@ -20,7 +20,8 @@ class QuantConfig:
     weight_per_tensor: bool = False   # naive baseline: one weight range per tensor
     weight_rounding: str = "gptq"     # "gptq": error-compensating rounding on captured inputs; "nearest": RTN
     memory_limit_mb: int = 256        # capture reservoir budget
-    fit_rows: int = 2048              # rows per layer and group used when fitting (subsampled, seeded)
+    fit_rows: int = 2048              # rows per layer and group for the clip / scale searches (subsampled,
+                                      # seeded); error-compensated rounding uses every captured row
     workers: int = 2                  # threads for parallel per-layer fitting
     evaluate: bool = True             # measure UNet-output error vs float per step after fitting
     seed: int = 0

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 
 def format_report(result) -> str:
+    """``result``: a :class:`~quant_core.calibration.Calibration`."""
     r = result.report
-    lines = [f"FidelityQuant: {r['variant']} {r['family']} UNet, "
-             f"{'W4A8' if result.config.weight_bits == 4 else 'W8A8'}"
+    lines = [f"FidelityQuant: {r['variant']} {r['family']} UNet, W{result.config.weight_bits}A8"
              f"{' mixed' if result.config.mixed_precision else ''}",
              f"average weight bits {r['average_weight_bits']:.2f} over {len(r['layers'])} layers; "
              f"quantized weights {result.weight_bytes() / 2**20:.1f} MiB",

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from quant_core.adapters import UNetAdapter, UnsupportedModelError, detect_adapter
+from quant_core.models.adapters import UNetAdapter, UnsupportedModelError, detect_adapter
 
 from unets import comfyui_unet, diffusers_unet, ldm_unet
 

@@ -4,7 +4,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant_core import capture, fitting, modeltree, planner, timegroups
+from quant_core.calibrate import capture, fitting, planner, timegroups
+from quant_core.models import modeltree
+from quant_core.runtime import context as step_routing
 from quant_core.config import QuantConfig, preset
 
 
@@ -22,9 +24,9 @@ def test_plan_groups_finds_the_range_jump():
 
 def test_group_of_maps_seen_and_unseen_timesteps_to_nearest_group():
     groups = [[999.0, 800.0], [600.0, 400.0], [200.0, 1.0]]
-    thresholds = timegroups.group_thresholds(groups)
+    thresholds = step_routing.group_thresholds(groups)
     assert thresholds == [700.0, 300.0]
-    assert [timegroups.group_of(t, thresholds) for t in (999.0, 1500.0, 700.5, 650, 400, 250, 0.0)] == [0, 0, 0, 1, 1, 2, 2]
+    assert [step_routing.group_of(t, thresholds) for t in (999.0, 1500.0, 700.5, 650, 400, 250, 0.0)] == [0, 0, 0, 1, 1, 2, 2]
 
 
 # ---------------------------------------------------------------- planner

@@ -169,8 +169,10 @@ def env(tmp_path_factory):
 
     print("\n" + report)
     base = {"float": _sample(comfy, model), "quant": _sample(comfy, qmodel)}
+    # the quantized MODEL's layer modules and routing (one runtime per calibration and model object)
+    runtime = pack.nodes.patching.runtime_for(result, model.model)
     yield dict(comfy=comfy, nodes=nodes, pack=pack, state=state, model=model, qmodel=qmodel, result=result,
-               report=report, files=files, lora=lora, base=base, lora_dir=lora_dir)
+               runtime=runtime, report=report, files=files, lora=lora, base=base, lora_dir=lora_dir)
     if saved is None:
         folder_paths.folder_names_and_paths.pop("loras", None)
     else:
@@ -179,7 +181,7 @@ def env(tmp_path_factory):
 
 
 def _codes(result):
-    """Every quantized layer's stored tensors (state_dict: what would be saved)."""
+    """Every quantized layer's stored tensors (state_dict) in a runtime."""
     return {n: {k: v.clone() for k, v in layer.state_dict().items()} for n, layer in result.layers.items()}
 
 
@@ -215,7 +217,7 @@ def test_lora_after_quantization_stays_as_close_as_without(env, capsys):
 
 
 def test_lora_keys_match_the_float_model_and_all_take_effect(env, caplog):
-    comfy, model, qmodel, result = env["comfy"], env["model"], env["qmodel"], env["result"]
+    comfy, model, qmodel = env["comfy"], env["model"], env["qmodel"]
     from safetensors.torch import load_file
     lora = load_file(str(env["files"]["a"]))
     # a bias diff on a quantized layer (ComfyUI's ".diff_b"): must not be dropped either
@@ -232,12 +234,13 @@ def test_lora_keys_match_the_float_model_and_all_take_effect(env, caplog):
     for key in quant_lora.patches:  # every accepted key changed the tensor ComfyUI patched
         path = key[len("diffusion_model."):]
         assert not torch.equal(live.get_parameter(path), quant_lora.backup[key].weight), key
-    assert isinstance(live.get_submodule("input_blocks.1.1.proj_out"), type(result.layers["input_blocks.1.1.proj_out"]))
+    assert isinstance(live.get_submodule("input_blocks.1.1.proj_out"),
+                      type(env["runtime"].layers["input_blocks.1.1.proj_out"]))
     comfy.model_management.unload_all_models()
 
 
 def test_zero_strength_and_changes_take_effect_and_unpatch_is_exact(env):
-    comfy, lora, base, qmodel, result = env["comfy"], env["lora"], env["base"], env["qmodel"], env["result"]
+    comfy, lora, base, qmodel, result = env["comfy"], env["lora"], env["base"], env["qmodel"], env["runtime"]
     saved = _codes(result)
     comfy.model_management.unload_all_models()
     zero = comfy.sd.load_lora_for_models(qmodel, None, comfy.utils.load_torch_file(str(env["files"]["a"])), 0.0, 0)[0]
@@ -287,7 +290,7 @@ def test_lora_before_calibration(env, capsys, caplog):
     saved_folder = folder_paths.folder_names_and_paths.get(fq.FOLDER)
     folder_paths.folder_names_and_paths[fq.FOLDER] = ([str(env["lora_dir"])], set())
     try:
-        assert result2.merged_layers() == []
+        assert pack.nodes.patching.runtime_for(result2, model.model).merged_layers() == []
         fq.SaveQuantizedUNet().save(result2, "order2")
         loaded = fq.LoadQuantizedUNet().load(float_lora, "order2.safetensors")[0]
         assert torch.equal(_sample(comfy, loaded), out)
@@ -326,7 +329,7 @@ def test_lora_on_the_time_embedding_is_applied_not_lost(env, capsys):
 # ---------------------------------------------------------------------- range check
 
 def test_strong_lora_warns_about_the_calibrated_range(env, caplog, capsys):
-    comfy, lora, qmodel, result = env["comfy"], env["lora"], env["qmodel"], env["result"]
+    comfy, lora, qmodel, result = env["comfy"], env["lora"], env["qmodel"], env["runtime"]
     with caplog.at_level(logging.WARNING, logger="fidelityquant"):
         _sample(comfy, lora(qmodel, ("a", 1.0)))
         normal = dict(result.report["activation_range"])
@@ -369,7 +372,7 @@ def test_half_precision_models_with_lora(env, dtype, capsys):
 def test_low_vram_partial_load_applies_lora_at_run_time(env):
     """ModelPatcher.patch_model(lowvram_model_memory=...) leaves layers offloaded with LowVramPatch weight
     functions instead of merging (comfy/model_patcher.py:657-676): same UNet output as a full load."""
-    comfy, lora, qmodel, result = env["comfy"], env["lora"], env["qmodel"], env["result"]
+    comfy, lora, qmodel, result = env["comfy"], env["lora"], env["qmodel"], env["runtime"]
     saved = _codes(result)
     m = lora(qmodel, ("a", 1.0), ("b", 1.0))
     x, ctx = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), _conds()[0][0][0].expand(2, -1, -1)
@@ -471,7 +474,7 @@ def test_controlnet_and_attention_patches_on_the_quantized_model(env, capsys):
 def test_model_merge_into_the_quantized_model(env, caplog, capsys):
     """ModelMergeSimple(quantized, other float checkpoint): ComfyUI merges the other model's weights into
     the quantized layers through convert_weight / set_weight (model2.get_key_patches)."""
-    comfy, model, qmodel, result = env["comfy"], env["model"], env["qmodel"], env["result"]
+    comfy, model, qmodel, result = env["comfy"], env["model"], env["qmodel"], env["runtime"]
     from comfy_extras.nodes_model_merging import ModelMergeSimple
     other = _load(comfy, comfy_sd15_state(seed=1))
     with caplog.at_level(logging.WARNING, logger="fidelityquant"):

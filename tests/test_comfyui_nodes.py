@@ -5,7 +5,6 @@ context 768, one level). CLIP is replaced by a seeded stand-in (prompt -> fixed 
 text encoding is ComfyUI's business, and a real CLIP-L would dominate the test's run time.
 """
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def _calibrate(pack, model, **overrides):
 def _pristine(comfy, model, original_unet):
     """After ComfyUI unpatches (it does so lazily, on the next load or an unload), the input MODEL's
     UNet is the original module, with no hooks and no quantized layers left behind."""
-    from quant_core.modules import QuantConv2d, QuantLinear
+    from quant_core.runtime.layers import QuantConv2d, QuantLinear
 
     comfy.model_management.unload_all_models()
     unet = model.model.diffusion_model
@@ -106,7 +105,7 @@ def test_calibrate_quantize_patches_a_clone_and_stays_close(env, tmp_path):
     # set_weight, close to the float model with the same patch, and undone bit-exactly.
     comfy.model_management.unload_all_models()
     key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
-    layer = result.layers["input_blocks.1.1.transformer_blocks.0.attn1.to_q"]
+    layer = pack.nodes.patching.runtime_for(result, model.model).layers["input_blocks.1.1.transformer_blocks.0.attn1.to_q"]
     codes = layer.weight.clone()
     w = model.model.state_dict()[key]
     delta = torch.randn(w.shape, generator=torch.Generator().manual_seed(5)) * float(w.abs().mean()) * 0.3
@@ -123,7 +122,7 @@ def test_calibrate_quantize_patches_a_clone_and_stays_close(env, tmp_path):
     assert torch.equal(_sample(comfy, qmodel), quant)
 
     other = _tiny_sd15(comfy, seed=1)
-    from quant_core.result import IncompatibleModelError
+    from quant_core.calibration import IncompatibleModelError
     with pytest.raises(IncompatibleModelError, match="different checkpoint"):
         pack.nodes.fidelity_nodes.LoadQuantizedUNet().load(other, "tiny.safetensors")
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quant_core import formats
+from quant_core.runtime import formats
 
 from reference import fake_quant_w4, fake_quant_w8
 

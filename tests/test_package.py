@@ -37,3 +37,58 @@ def test_install_script_reads_requirements_without_installing_on_import():
     reqs = install.requirements()
     assert "safetensors>=0.4" in reqs and "tqdm" in reqs
     assert not any(r.split("=")[0].split(">")[0].strip() == "torch" for r in reqs), "torch must never be pinned"
+
+
+def _engine_imports() -> dict:
+    """quant_core module -> the quant_core modules it imports (static: every import statement, lazy ones too)."""
+    import ast
+
+    root = REPO / "quant_core"
+    graph = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(max(0, node.level - 1)):
+                    base = base.rpartition(".")[0]
+                module = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+                targets.add(module)
+                targets.update(f"{module}.{a.name}" for a in node.names)  # "from . import formats"
+        graph[name] = targets
+    return {name: {t for t in targets if t in graph and t != name} for name, targets in graph.items()}
+
+
+def test_engine_has_no_import_cycles_and_imports_no_host_bench_or_nodes():
+    graph = _engine_imports()
+    for path in (REPO / "quant_core").rglob("*.py"):
+        text = path.read_text()
+        for banned in ("import nodes", "from nodes", "import bench", "from bench", "import proxy"):
+            assert banned not in text, f"{path} imports {banned.split()[-1]!r}: the engine depends on nothing outside it"
+    # Package __init__ files only re-export; a cycle through them is not a dependency between modules.
+    packages = {".".join(p.relative_to(REPO).parent.parts) for p in (REPO / "quant_core").rglob("__init__.py")}
+    modules = {n: ts - packages for n, ts in graph.items() if n not in packages}
+    state: dict = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for target in sorted(modules[node]):
+            if state.get(target) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(trail + [node, target]))
+            if target not in state:
+                visit(target, trail + [node])
+        state[node] = "done"
+
+    for name in sorted(modules):
+        if name not in state:
+            visit(name, [])
+
+
+def test_engine_files_stay_small():
+    sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in (REPO / "quant_core").rglob("*.py")}
+    assert max(sizes.values()) <= 300, {k: v for k, v in sizes.items() if v > 300}

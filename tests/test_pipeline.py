@@ -5,9 +5,9 @@ import torch
 from quant_core import artifact
 from quant_core.__main__ import main as cli_main
 from quant_core.config import preset
-from quant_core.modeltree import weights_digest
-from quant_core.quantize import quantize
-from quant_core.runners import DiffusersRunner
+from quant_core.models.modeltree import weights_digest
+from quant_core import quantize
+from quant_core.models.runners import DiffusersRunner
 
 from tiny_pipelines import make_tiny_sd_pipeline
 
@@ -48,7 +48,7 @@ def test_cli_quantize_writes_a_loadable_file(pipe, tmp_path):
             "--out", str(out), "--steps", "3", "--groups", "2"]
     assert cli_main(args) == 0
     result = artifact.load_result(out, pipe.unet)  # the saved folder holds the same weights
-    assert result.config.weight_bits == 4 and len(result.group_keys) <= 2
+    assert result.config.weight_bits == 4 and len(result.step_groups) <= 2
     with pytest.raises(SystemExit, match="exists"):
         cli_main(args)
     (tmp_path / "empty.txt").write_text("\n# only a comment\n")

@@ -5,12 +5,12 @@ import torch.nn as nn
 
 from quant_core import artifact
 from quant_core.config import preset
-from quant_core.adapters import UnsupportedModelError, detect_adapter
-from quant_core.modeltree import weights_digest
-from quant_core.modules import QuantConv2d, QuantLinear
-from quant_core.quantize import quantize
-from quant_core.result import IncompatibleModelError
-from quant_core.timetables import TimeTableLookup
+from quant_core.models.adapters import UnsupportedModelError, detect_adapter
+from quant_core.models.modeltree import weights_digest
+from quant_core.runtime.layers import QuantConv2d, QuantLinear
+from quant_core import quantize
+from quant_core.calibration import IncompatibleModelError
+from quant_core.runtime.timetables import TimeTableLookup
 
 from unets import LoopRunner, tiny_unet
 
@@ -55,8 +55,8 @@ def test_presets_calibrate_end_to_end_without_touching_the_original(variant, nam
 
 def test_family_detection_and_float_layers():
     sd1, sd2, sdxl = tiny_unet("sd1"), tiny_unet("sd2"), tiny_unet("sdxl")
-    assert (detect_adapter(sd1).family, detect_adapter(sd1).variant) == ("diffusers", "sd1")
-    assert detect_adapter(sd2).variant == "sd2" and detect_adapter(sdxl).variant == "sdxl"
+    assert (detect_adapter(sd1).layout, detect_adapter(sd1).sd_version) == ("diffusers", "sd1")
+    assert detect_adapter(sd2).sd_version == "sd2" and detect_adapter(sdxl).sd_version == "sdxl"
     adapter = detect_adapter(sd1)
     kept = adapter.float_layers(sd1)
     assert {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"} <= set(kept)
@@ -84,22 +84,24 @@ def test_time_tables_equal_float_computation_and_fall_back_for_unseen_t(sd1):
     result = quantize(unet, runner, preset("W8A8", consistency_pass=False, **FAST))
     assert len(result.time_tables) == 1 + len(detect_adapter(unet).time_projection_names(unet))
     # Float UNet with only the time lookups swapped in: identical outputs for seen t.
-    from quant_core.modeltree import clone_module_tree, set_submodule
+    from quant_core.models.modeltree import clone_module_tree, set_submodule
     model = clone_module_tree(unet)
+    runtime = result.runtime(detect_adapter(unet).timesteps_from_call)
     lookups = {}
     for name, table in result.time_tables.items():
-        lookups[name] = TimeTableLookup(unet.get_submodule(name), table, result.context)
+        lookups[name] = TimeTableLookup(unet.get_submodule(name), table, runtime.context)
         set_submodule(model, name, lookups[name])
     calls = []
     handle = unet.time_embedding.register_forward_hook(lambda m, a, o: calls.append(1))
     x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 64)
     try:
-        _check_lookups(model, unet, result, x, ctx, calls)
+        _check_lookups(model, unet, runtime, x, ctx, calls)
     finally:
         handle.remove()
 
 
 def _check_lookups(model, unet, result, x, ctx, calls):
+    """``result``: the calibration's runtime (it owns the step context the lookups read)."""
     with torch.no_grad():
         for t in result.time_keys[:3]:
             result.set_timesteps(t.expand(2))
@@ -116,15 +118,16 @@ def _check_lookups(model, unet, result, x, ctx, calls):
 
 def test_timestep_groups_route_to_scales(sd1):
     unet, runner = sd1
-    result = quantize(unet, runner, preset("W8A8", timestep_groups=3, consistency_pass=False, **FAST))
-    assert len(result.group_keys) == 3
+    calibration = quantize(unet, runner, preset("W8A8", timestep_groups=3, consistency_pass=False, **FAST))
+    assert len(calibration.step_groups) == 3
+    result = calibration.runtime(detect_adapter(unet).timesteps_from_call)
     layer = next(iter(result.layers.values()))
     assert layer.act_scale.numel() == 3 and layer.context is result.context
-    for g, keys in enumerate(result.group_keys):
+    for g, keys in enumerate(result.step_groups):
         result.set_timesteps(torch.tensor([keys[0]] * 2))
-        assert result.context.group == g
+        assert result.context.step_group == g
     result.set_timesteps(torch.tensor([5000.0]))  # beyond calibration: nearest group
-    assert result.context.group == 0
+    assert result.context.step_group == 0
 
 
 def test_ours_beats_naive_on_unet_output_error(sd1):
@@ -149,7 +152,7 @@ def test_save_load_round_trip_is_exact_and_refuses_other_models(sd1, tmp_path):
     with torch.no_grad():
         for t in (result.time_keys[0], torch.tensor(321.0)):
             assert torch.equal(a(x, t, encoder_hidden_states=ctx).sample, b(x, t, encoder_hidden_states=ctx).sample)
-    assert loaded.plan == result.plan and loaded.group_keys == result.group_keys
+    assert loaded.plan == result.plan and loaded.step_groups == result.step_groups
 
     other = tiny_unet("sd1", seed=1)  # same architecture, different weights
     with pytest.raises(IncompatibleModelError, match="different checkpoint"):
@@ -249,7 +252,7 @@ def test_ldm_unet_calibrates_applies_and_round_trips(source, tmp_path):
     from unets import comfyui_unet, ldm_unet
     unet = comfyui_unet("sd1") if source == "comfyui" else ldm_unet("sd1")
     adapter = detect_adapter(unet)
-    assert adapter.family == "ldm"
+    assert adapter.layout == "ldm"
     context_dim = next(m.in_features for n, m in unet.named_modules() if n.endswith("attn2.to_k"))
     runner = LdmRunner(context_dim)
     digest = weights_digest(unet)

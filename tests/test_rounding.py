@@ -1,10 +1,11 @@
-"""Error-compensating weight rounding (quant_core/rounding.py) and its use in fitting and layer building."""
+"""Error-compensating weight rounding (quant_core/calibrate/rounding.py) and its use in fitting and layer building."""
 import pytest
 import torch
 
-from quant_core import fitting, formats, rounding
+from quant_core.calibrate import fitting, rounding
+from quant_core.runtime import formats
 from quant_core.config import QuantConfig
-from quant_core.modules import QuantLinear
+from quant_core.runtime.layers import QuantLinear
 
 
 def _correlated_inputs(n, k, seed):
@@ -26,7 +27,8 @@ def test_codes_lie_on_the_format_grid_and_beat_round_to_nearest(bits):
     w = torch.randn(48, 192, generator=gen)
     x = _correlated_inputs(1024, 192, 2)
     h = rounding.input_gram(x)
-    step, channel_scale, group, qmin, qmax = fitting.weight_grid(w, bits, 64)
+    grid = formats.quantize_weight(w, bits, 64)
+    step, qmin, qmax = grid.grid_step(), grid.qmin, grid.qmax
     codes = rounding.round_with_error_feedback(w, step, qmin, qmax, h)
     assert codes.dtype == torch.int32 and int(codes.min()) >= qmin and int(codes.max()) <= qmax
     rtn = torch.clamp(torch.round(w / step), qmin, qmax)
@@ -44,7 +46,8 @@ def test_identity_inputs_reduce_to_round_to_nearest():
     """With uncorrelated unit inputs there is nothing to compensate: the result is plain rounding."""
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(16, 64, generator=gen)
-    step, _, _, qmin, qmax = fitting.weight_grid(w, 4, 32)
+    grid = formats.quantize_weight(w, 4, 32)
+    step, qmin, qmax = grid.grid_step(), grid.qmin, grid.qmax
     codes = rounding.round_with_error_feedback(w, step, qmin, qmax, torch.eye(64, dtype=torch.float64))
     assert torch.equal(codes, torch.clamp(torch.round(w / step), qmin, qmax).to(torch.int32))
 
@@ -54,14 +57,15 @@ def test_dead_input_channels_do_not_break_the_factorisation():
     w = torch.randn(8, 64, generator=gen)
     x = _correlated_inputs(256, 64, 5)
     x[:, 10] = 0  # a channel that never fires
-    step, _, _, qmin, qmax = fitting.weight_grid(w, 8, 64)
+    grid = formats.quantize_weight(w, 8, 64)
+    step, qmin, qmax = grid.grid_step(), grid.qmin, grid.qmax
     codes = rounding.round_with_error_feedback(w, step, qmin, qmax, rounding.input_gram(x))
     assert torch.isfinite(codes.float()).all()
 
 
 def test_fitted_codes_are_what_the_built_layer_holds():
-    """search_clip_error_feedback's int8 weight survives QuantLinear construction bit for bit."""
-    from quant_core.quantize import _build_layer
+    """search_clip_error_feedback's weight survives the pipeline's layer construction bit for bit."""
+    from quant_core.calibrate.pipeline import layer_state
 
     gen = torch.Generator().manual_seed(6)
     linear = torch.nn.Linear(200, 40)  # K not a multiple of the group size: padding path
@@ -70,10 +74,11 @@ def test_fitted_codes_are_what_the_built_layer_holds():
     x = _correlated_inputs(512, 200, 7)
     h = rounding.input_gram(x)
     for bits in (4, 8):
-        clip, w8, scale = fitting.search_clip_error_feedback(linear.weight.detach(), h, bits, 64)
+        clip, value = fitting.search_clip_error_feedback(linear.weight.detach(), h, bits, 64)
+        w8, scale = value.to_int8(), value.channel_scale
         assert all(any(abs(c - g) < 1e-6 for g in fitting.GPTQ_CLIP_CANDIDATES) for c in clip.tolist())
-        fit = fitting.LayerFit(bits, clip, torch.ones(1), 0.0, w8)
-        layer = _build_layer(linear, fit, QuantConfig(weight_bits=bits, group_size=64))
+        fit = fitting.LayerFit(value, clip, torch.ones(1), 0.0, "gptq")
+        layer = layer_state(linear, fit, QuantConfig(weight_bits=bits, group_size=64)).build()
         assert torch.equal(layer.int8_weight_2d(), w8)
         torch.testing.assert_close(layer.weight_scale, scale)
         # and its output error is below the round-to-nearest layer's with the same clip
@@ -89,7 +94,7 @@ def test_config_rejects_unknown_rounding():
 
 def test_fit_layer_falls_back_to_nearest_when_rows_are_fewer_than_inputs():
     """H from fewer rows than K is rank-deficient: such a layer keeps round-to-nearest weights."""
-    from quant_core.capture import LayerCapture, StepRecord
+    from quant_core.calibrate.capture import LayerCapture, StepRecord
 
     gen = torch.Generator().manual_seed(8)
     w = torch.randn(16, 128, generator=gen)
@@ -99,4 +104,4 @@ def test_fit_layer_falls_back_to_nearest_when_rows_are_fewer_than_inputs():
         cap = LayerCapture("l", "linear", 128, n_rows, {500.0: StepRecord(amax=float(x.abs().max()),
                                                                           channel_amax=x.abs().amax(0), rows=x)})
         fit = fitting.fit_layer(w, cap, [[500.0]], 4, cfg, seed=0)
-        assert (fit.int8_weight is not None) == expect_gptq
+        assert (fit.rounding == "gptq") == expect_gptq

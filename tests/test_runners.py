@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant_core.runners import DiffusersRunner, load_diffusers_pipeline
+from quant_core.models.runners import DiffusersRunner, load_diffusers_pipeline
 from tiny_pipelines import BOS, EOS, WORDS, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline, make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def test_runner_validates_arguments(sd1):
 
 def test_runner_drives_quantize_end_to_end(sd1):
     from quant_core.config import preset
-    from quant_core.quantize import quantize
+    from quant_core import quantize
 
     runner = DiffusersRunner(sd1, PROMPTS[:2], steps=3, batch_size=2)
     done = []
@@ -289,7 +289,7 @@ def test_load_diffusers_pipeline_errors(tmp_path):
 
 def test_runners_module_imports_without_diffusers_or_transformers():
     code = ("import sys; sys.modules['diffusers'] = None; sys.modules['transformers'] = None; "
-            "import quant_core, quant_core.runners as r; "
+            "import quant_core, quant_core.models.runners as r; "
             "assert callable(r.DiffusersRunner) and callable(r.load_diffusers_pipeline); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

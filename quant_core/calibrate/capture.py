@@ -8,7 +8,9 @@ removed. Per layer and timestep we keep:
 - a bounded, seeded reservoir of input rows (tokens for linears, im2col patches for convs),
   stored as float16, so that fitting can evaluate each layer's output error offline.
 
-Total reservoir memory is bounded by ``memory_limit_bytes``.
+Reservoir memory follows ``memory_limit_bytes`` split evenly over layers and timesteps, with a floor
+of ``MIN_ROWS_PER_STEP`` rows per layer and timestep (so a very small limit can be exceeded; the
+report states the bytes captured). The split uses the runner's ``steps`` as the number of timesteps.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .timetables import TimeOutputRecorder
+from ..runtime.kernels import conv_out_hw
+from .time_recording import TimeOutputRecorder
 
 ProgressFn = Callable[[int, int], None]  # (unet calls done, total) ; may raise to cancel
 MIN_ROWS_PER_STEP, MAX_ROWS_PER_STEP = 8, 512
@@ -187,8 +190,7 @@ def _reduce_dim(module: nn.Module) -> int:
 
 
 def _out_hw(module, height: int, width: int) -> tuple[int, int]:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _conv_geometry(module)
-    return ((height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    return conv_out_hw(height, width, *_conv_geometry(module))
 
 
 def rows_per_step_budget(layers: dict, steps: int, memory_limit_bytes: int) -> dict:

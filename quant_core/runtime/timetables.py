@@ -3,9 +3,9 @@
 The time-embedding MLP and (when the embedding depends on t alone, i.e. not SDXL) every ResBlock
 time projection compute the same output for the same t on every call. Their outputs are recorded
 in float during the calibration capture, by hooks on the model's own modules, so a lookup returns
-exactly what the float computation would. At run time the model-level wrapper resolves the call's
-timesteps to table rows once (``StepContext.time_rows``); a timestep never seen falls back to the
-float module.
+exactly what the float computation would (``calibrate/time_recording.py``). At run time the model's
+runtime resolves the call's timesteps to table rows once (``StepContext.time_rows``); a timestep never
+seen falls back to the float module.
 
 Weight patches (LoRA) on the time path. A lookup keeps the float module's state-dict keys (its
 children and parameters are registered under their own names, e.g. ``time_embed.0.weight``), so
@@ -27,54 +27,6 @@ MATCH_TOLERANCE = 1e-3  # timesteps are keyed to 3 decimals (capture.timestep_ke
 # room for recomputation on another device.
 TABLE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
 HALF_TABLE_TOLERANCE = 5e-3
-
-
-class TimeOutputRecorder:
-    """Forward hooks that keep the first output row seen for each (module, timestep)."""
-
-    def __init__(self, modules: dict, current_timesteps) -> None:
-        self.modules = modules
-        self.current_timesteps = current_timesteps  # callable -> (B,) tensor of rounded keys or None
-        self.outputs: dict = {name: {} for name in modules}
-        self.handles: list = []
-
-    def __enter__(self):
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def _hook(self, name):
-        def hook(module, args, output):
-            keys = self.current_timesteps()
-            if keys is None or not isinstance(output, torch.Tensor):
-                return None
-            rows = output.detach().reshape(output.shape[0], -1)
-            if keys.numel() == 1:
-                keys = keys.expand(rows.shape[0])
-            if keys.numel() != rows.shape[0]:
-                return None  # batch layout we cannot attribute to timesteps: skip, fall back at run time
-            table = self.outputs[name]
-            for i, key in enumerate(keys.tolist()):
-                if key not in table:
-                    table[key] = rows[i].float().cpu()
-            return None
-        return hook
-
-    def tables(self) -> tuple[torch.Tensor | None, dict]:
-        """(sorted timestep keys (T,), {name: (T, D) float32}) over timesteps every module recorded."""
-        common = None
-        for table in self.outputs.values():
-            common = set(table) if common is None else common & set(table)
-        if not common:
-            return None, {}
-        keys = sorted(common)
-        return (torch.tensor(keys, dtype=torch.float32),
-                {name: torch.stack([table[k] for k in keys]) for name, table in self.outputs.items()})
 
 
 def resolve_rows(time_keys: torch.Tensor | None, timesteps: torch.Tensor) -> torch.Tensor | None:

@@ -1,21 +1,38 @@
-"""Weight patches (LoRA) on quantized layers and time lookups, without ComfyUI.
+"""ComfyUI's weight-patch protocol (LoRA) on quantized layers (nodes/comfy_layers.py, on the engine seam
+quant_core/runtime/weight_patch.py), time lookups and the activation-range check, without ComfyUI.
 
 What ComfyUI does is imitated with its documented call shapes (docs/COMFYUI_FACTS.md section 5):
 ``patch_weight_to_device`` hands ``convert_weight`` a float32 copy of the stored codes and gives the
 merged weight to ``set_weight``; low-VRAM mode puts a ``LowVramPatch`` (an object with ``patches``
 and ``convert_func``) in ``weight_function``. The real thing is tested in tests/test_comfyui_lora.py.
 """
+import importlib.util
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from quant_core import modules
-from quant_core.config import QuantConfig
-from quant_core.modules import QuantConv2d, QuantLinear
-from quant_core.result import CLIPPED_ENERGY_WARN, QuantResult
-from quant_core.timetables import TimeTableLookup
+from quant_core import StepContext
+from quant_core.runtime import range_check
+from quant_core.runtime.model import QuantizedModel
+from quant_core.runtime.range_check import CLIPPED_ENERGY_WARN
+from quant_core.runtime.timetables import TimeTableLookup
+
+
+def _comfy_layers():
+    """nodes/comfy_layers.py by file: importing the repo's ``nodes`` package by that name would shadow
+    ComfyUI's own top-level ``nodes`` module for the in-process ComfyUI tests of the same session."""
+    path = Path(__file__).resolve().parents[1] / "nodes" / "comfy_layers.py"
+    spec = importlib.util.spec_from_file_location("fidelityquant_comfy_layers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+comfy_layers = _comfy_layers()
+QuantLinear, QuantConv2d = comfy_layers.ComfyQuantLinear, comfy_layers.ComfyQuantConv2d
 
 
 def rel(a, b):
@@ -187,7 +204,7 @@ def _lookup():
     inputs = torch.randn(4, 32)  # the "sinusoidal embeddings" of 4 known timesteps
     with torch.no_grad():
         table = mlp(inputs)
-    ctx = modules.StepContext()
+    ctx = StepContext()
     return mlp, inputs, TimeTableLookup(mlp, table, ctx), ctx
 
 
@@ -228,7 +245,7 @@ def test_time_lookup_wrapping_a_module_with_its_own_parameters():
     """diffusers' time_emb_proj is a bare Linear: a replaced parameter on the lookup must be used."""
     torch.manual_seed(4)
     lin, x = nn.Linear(16, 8), torch.randn(2, 16)
-    ctx = modules.StepContext()
+    ctx = StepContext()
     lookup = TimeTableLookup(lin, lin(x).detach(), ctx)
     assert set(lookup.state_dict()) == {"weight", "bias", "time_table"}
     new_weight = nn.Parameter(lin.weight.detach() * 2)
@@ -243,16 +260,15 @@ def test_time_lookup_wrapping_a_module_with_its_own_parameters():
 # ---------------------------------------------------------------------- activation-range check
 
 def _result(layer):
-    return QuantResult("ldm", "sd1", QuantConfig(), {}, {"blk.proj": layer}, [[999.0]], None, {}, {"blk.proj": 8},
-                       {"layers": {}})
+    return QuantizedModel({"blk.proj": layer}, [[999.0]], report={"layers": {}})
 
 
 def test_range_check_runs_once_and_warns_when_a_patch_pushes_inputs_out_of_range(caplog, monkeypatch):
     _, q, x = _layer("linear", 8)
     result = _result(q)
     calls = []
-    real = modules.measure_range
-    monkeypatch.setattr(modules, "measure_range", lambda *a: calls.append(1) or real(*a))
+    real = range_check.measure_range
+    monkeypatch.setattr(range_check, "measure_range", lambda *a: calls.append(1) or real(*a))
     q(x)
     result.finish_call()
     assert calls == [] and "activation_range" not in result.report  # nothing armed: no work, no report
@@ -286,8 +302,6 @@ def test_weight_patch_under_inference_mode(bits):
     """ComfyUI's server runs nodes (and so LoRA merging at model load) under torch.inference_mode():
     the merged codes are inference tensors without a version counter. Patching, running and
     unpatching there must work and give the same outputs as outside it."""
-    from quant_core.modules import QuantConv2d
-
     gen = torch.Generator().manual_seed(11)
     conv = torch.nn.Conv2d(64, 32, 3, padding=1)
     layer = QuantConv2d.from_float(conv, weight_bits=bits, act_scales=[0.05])
@@ -304,18 +318,75 @@ def test_weight_patch_under_inference_mode(bits):
         assert torch.equal(layer(x), plain)
 
 
-def test_saving_refuses_a_result_whose_layers_hold_a_merged_patch(tmp_path):
-    """ComfyUI unpatches lazily: after a LoRA run the codes may still be the merged ones. Saving then
-    would bake the LoRA into the file, so it is refused until the patch is undone."""
-    from quant_core.artifact import save_result
+def test_saving_while_a_patch_is_merged_writes_the_calibrated_weights(tmp_path):
+    """ComfyUI unpatches lazily: after a LoRA run a runtime's codes may still be the merged ones. The
+    calibration shares the calibrated codes with the runtime but is never written by a merge, so a file
+    saved now holds the calibrated weights, not the LoRA."""
+    from quant_core.artifact import load_result, save_result
+    from quant_core.calibrate.pipeline import layer_state
+    from quant_core.calibration import Calibration
+    from quant_core.config import QuantConfig
 
-    _, q, _ = _layer("linear", 8)
-    result = _result(q)
-    codes = q.weight
+    flt, _, x = _layer("linear", 8)
+    fit_value = QuantLinear.from_float(flt, act_scales=[0.05]).weight_value()
+    state = layer_state(flt, type("Fit", (), {"weight_bits": 8, "act_scales": torch.tensor([0.05]),
+                                              "weight": fit_value})(), QuantConfig())
+    calibration = Calibration("ldm", "sd1", QuantConfig(), {}, {"blk.proj": state}, [[999.0]], None, {},
+                              {"blk.proj": 8}, {"layers": {}})
+    runtime = calibration.runtime(kinds=comfy_layers.COMFY_LAYER_KINDS)
+    q = runtime.layers["blk.proj"]
+    calibrated_codes = state.tensors["weight"].clone()
     q.set_weight(q.convert_weight(q.weight.detach().clone()) * 1.1)
-    assert result.merged_layers() == ["blk.proj"]
-    with pytest.raises(ValueError, match="merged weight patch"):
-        save_result(result, tmp_path / "merged.safetensors")
-    assert not (tmp_path / "merged.safetensors").exists()
-    q.weight = codes  # ComfyUI's unpatch puts the backed-up codes back
-    assert result.merged_layers() == []
+    assert runtime.merged_layers() == ["blk.proj"]
+    assert torch.equal(state.tensors["weight"], calibrated_codes)  # the merge did not write the calibration
+    save_result(calibration, tmp_path / "merged.safetensors")
+    loaded = load_result(tmp_path / "merged.safetensors")
+    assert torch.equal(loaded.layers["blk.proj"].tensors["weight"], calibrated_codes)
+    merged_out = q(x)
+    assert not torch.equal(loaded.runtime().layers["blk.proj"](x), merged_out)
+    assert torch.equal(loaded.runtime().layers["blk.proj"](x), calibration.runtime().layers["blk.proj"](x))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_comfy_weight_patch_hooks_merge_and_restore_exactly(bits, kind):
+    """convert_weight/set_weight (ComfyUI's LoRA path): merge changes the output, restoring is bit-exact."""
+    torch.manual_seed(bits)
+    if kind == "linear":
+        float_layer, x = torch.nn.Linear(96, 64), torch.randn(10, 96)
+        layer = QuantLinear.from_float(float_layer, weight_bits=bits, group_size=32, act_scales=[0.03])
+    else:
+        float_layer, x = torch.nn.Conv2d(16, 32, 3, padding=1), torch.randn(1, 16, 6, 6)
+        layer = QuantConv2d.from_float(float_layer, weight_bits=bits, group_size=32, act_scales=[0.03])
+    original = layer.weight.clone()
+    base_out = layer(x)
+    dequant = layer.convert_weight(original.float(), inplace=True)
+    assert dequant.shape == float_layer.weight.shape
+    assert torch.equal(dequant, layer.dequantize_weight())
+    delta = torch.randn(dequant.shape) * dequant.abs().mean() * 0.5  # a LoRA-sized update
+    for _ in range(3):  # repeated patch / unpatch never drifts
+        layer.set_weight(dequant + delta)
+        patched = layer(x)
+        assert not torch.equal(patched, base_out)
+        _check_requantized(layer, (dequant + delta).reshape(dequant.shape[0], -1), bits)
+        layer.set_weight(dequant)
+        assert torch.equal(layer.weight, original) and torch.equal(layer(x), base_out)
+    assert torch.equal(layer.set_weight(dequant, return_weight=True), original)
+
+
+def _check_requantized(layer, target, bits):
+    """Codes inside the fixed range are within half a step of the target; the rest saturate at the range limit."""
+    w8 = layer.int8_weight_2d().to(torch.int32)
+    scale = layer.weight_scale.unsqueeze(1)
+    if bits == 8:
+        step = scale.expand_as(target)
+        q, low, high = w8, -127, 127
+    else:
+        gs = layer.weight_group_scale.to(torch.int32).repeat_interleave(layer.group_size, dim=1)[:, :target.shape[1]]
+        step = scale * gs
+        q, low, high = w8 // gs, -8, 7
+    got = w8.float() * scale
+    inside = (q > low) & (q < high)
+    assert bool(((got - target).abs()[inside] <= step[inside] / 2 + 1e-6).all())
+    assert bool((((target > got) & (q == high)) | ((target < got) & (q == low)) | inside
+                 | ((got - target).abs() <= step / 2 + 1e-6)).all())

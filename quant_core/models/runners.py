@@ -1,4 +1,5 @@
-"""Calibration runners for diffusers pipelines (used by the Python library and ``python -m quant_core quantize``).
+"""Calibration runners: the :class:`Runner` protocol, and one for diffusers pipelines (used by the Python
+library and ``python -m quant_core quantize``). Hosts bring their own (ComfyUI: ``nodes/patching.py``).
 
 A *runner* is a callable ``runner(unet)`` that samples the calibration prompts with the UNet it is given,
 step by step, exactly as inference does; quant_core's hooks on that UNet record what each layer sees.
@@ -13,9 +14,30 @@ import copy
 import json
 from pathlib import Path
 
+from typing import Protocol, runtime_checkable
+
 import torch
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What ``quantize()`` needs from a sampler.
+
+    ``runner(unet)`` samples every calibration prompt with ``unet`` (the float UNet, or a quantized clone
+    of it in later passes), step by step as inference does; the return value is not used. It must call
+    the UNet it is given and leave it unmodified. It may raise to cancel (e.g. a host's interrupt).
+
+    ``steps``: sampling steps per prompt (sizes the capture memory per timestep).
+    ``total_unet_calls``: UNet calls in one ``runner(unet)`` (drives the progress bar; 0 if unknown).
+    """
+
+    steps: int
+    total_unet_calls: int
+
+    def __call__(self, unet) -> object:
+        ...
 
 
 class DiffusersRunner:

@@ -42,18 +42,25 @@ def _forced_backend() -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_has_fast_int8() -> bool:
-    """True when this CPU has int8 dot-product instructions that oneDNN uses for _int_mm."""
-    flags = set()
+def cpu_flags() -> frozenset:
+    """The CPU's instruction-set flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    fast = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return frozenset()
+
+
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_int8() -> bool:
+    """True when this CPU has int8 dot-product instructions that oneDNN uses for _int_mm."""
+    fast = bool(cpu_flags() & INT8_DOT_FLAGS)
     log.info("FidelityQuant: CPU int8 dot-product instructions %s -> CPU int8 GEMM %s",
              "found" if fast else "not found", "via torch._int_mm" if fast else "emulated in float32")
     return fast
@@ -109,6 +116,13 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """
     xf = x.to(torch.float32) if x.dtype != torch.float32 else x
     return torch.mul(xf, scale.reciprocal()).round_().clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8)
+
+
+def fake_quantize_static(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``quantize_static`` and back to float32: what a static-scale layer's GEMM sees (fitting uses it,
+    so the scales are chosen for exactly the rounding the kernels run)."""
+    scale_t = torch.tensor(scale, dtype=torch.float32)
+    return quantize_static(x, scale_t).to(torch.float32).mul_(scale_t)
 
 
 def quantize_dynamic_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +183,12 @@ def conv_onednn(x: torch.Tensor, scale: float, packed: torch.Tensor, w_scale: to
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_out_hw(height: int, width: int, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """Output height and width of a 2-D convolution (the same rule as ``torch.nn.Conv2d``)."""
+    return (conv_out_size(height, kernel_size[0], stride[0], padding[0], dilation[0]),
+            conv_out_size(width, kernel_size[1], stride[1], padding[1], dilation[1]))
 
 
 def conv_im2col(qx: torch.Tensor, w8_2d: torch.Tensor, kernel_size, stride, padding, dilation,

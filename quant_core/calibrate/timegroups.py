@@ -50,16 +50,3 @@ def plan_groups(timesteps: list, ranges: torch.Tensor, groups: int) -> list:
         bounds.append((start, end))
         end, g = start, g - 1
     return [list(timesteps[s:e]) for s, e in reversed(bounds)]
-
-
-def group_thresholds(group_keys: list) -> list:
-    """Midpoints between neighbouring groups' t ranges, descending; t above the first threshold is group 0."""
-    return [(min(a) + max(b)) / 2 for a, b in zip(group_keys[:-1], group_keys[1:])]
-
-
-def group_of(t: float, thresholds: list) -> int:
-    """Group index for any timestep, seen or not: the group whose t range is nearest."""
-    for index, threshold in enumerate(thresholds):
-        if t > threshold:
-            return index
-    return len(thresholds)

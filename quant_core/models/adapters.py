@@ -1,4 +1,4 @@
-"""Model-family adapters: which layers of an SD UNet are quantized, which stay float, where time flows.
+"""Model adapters: which layers of an SD UNet are quantized, which stay float, where time flows.
 
 Two layouts of the same Stable Diffusion UNet are supported:
 
@@ -12,7 +12,7 @@ Two layouts of the same Stable Diffusion UNet are supported:
 
 Adapters describe a model by module names and types only; they never modify it.
 
-Variant detection (``detect_adapter``), first rule that applies:
+SD version detection (``detect_adapter``), first rule that applies:
 
 1. cross-attention context width (``in_features`` of the first ``attn2.to_k``): 768 -> ``sd1``,
    1024 -> ``sd2``, 1280 (SDXL refiner) or 2048 (SDXL base) -> ``sdxl``;
@@ -39,7 +39,7 @@ _BLOCKS = {LDM: ("input_blocks", "middle_block", "output_blocks"),
            DIFFUSERS: ("down_blocks", "mid_block", "up_blocks")}
 _LDM_REQUIRED = ("time_embed", "input_blocks", "middle_block", "output_blocks", "out")
 _DIFFUSERS_REQUIRED = ("conv_in", "time_proj", "time_embedding", "down_blocks", "up_blocks", "conv_out")
-_CONTEXT_VARIANTS = {768: "sd1", 1024: "sd2", 1280: "sdxl", 2048: "sdxl"}
+_CONTEXT_VERSIONS = {768: "sd1", 1024: "sd2", 1280: "sdxl", 2048: "sdxl"}
 # Module-name fragments of video / motion UNets (SVD, AnimateDiff, ModelScope): their blocks mix
 # time across frames, which the per-call timestep model here does not describe.
 _VIDEO_MARKERS = ("time_stack", "time_mixer", "motion_modules", "temp_convs", "temp_attentions", "transformer_in")
@@ -60,16 +60,16 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class UNetAdapter:
-    """Names and rules for one UNet family. Stateless: every method takes the model it describes."""
+    """Names and rules for one UNet layout and SD version. Stateless: every method takes the model it describes."""
 
-    family: str   # "ldm" | "diffusers"
-    variant: str  # "sd1" | "sd2" | "sdxl"
+    layout: str      # module layout: "ldm" | "diffusers"
+    sd_version: str  # "sd1" | "sd2" | "sdxl"
 
     # ------------------------------------------------------------------ time path
 
     def time_embedding_name(self, unet: nn.Module) -> str:
         """The MLP applied to the sinusoidal t embedding: ``time_embed`` (ldm) / ``time_embedding`` (diffusers)."""
-        return "time_embed" if self.family == LDM else "time_embedding"
+        return "time_embed" if self.layout == LDM else "time_embedding"
 
     def time_projection_names(self, unet: nn.Module) -> list[str]:
         """Every ResBlock time projection, in module order.
@@ -78,7 +78,7 @@ class UNetAdapter:
         diffusers: ``<block>.time_emb_proj`` (Linear; ResnetBlock2D applies its ``nonlinearity`` first
         unless ``skip_time_act``).
         """
-        suffix = ".emb_layers" if self.family == LDM else ".time_emb_proj"
+        suffix = ".emb_layers" if self.layout == LDM else ".time_emb_proj"
         return [name for name, module in unet.named_modules() if name.endswith(suffix)]
 
     def emb_depends_only_on_t(self, unet: nn.Module) -> bool:
@@ -89,7 +89,7 @@ class UNetAdapter:
         diffusers time embedding conditioned on ``timestep_cond`` (``cond_proj``, LCM-distilled UNets).
         Then only the time MLP can be precalculated; the ResBlock projections run every call.
         """
-        if self.family == LDM:
+        if self.layout == LDM:
             return getattr(unet, "label_emb", None) is None
         if getattr(unet, "add_embedding", None) is not None or getattr(unet, "class_embedding", None) is not None:
             return False
@@ -101,6 +101,13 @@ class UNetAdapter:
         if self.emb_depends_only_on_t(unet):
             names += self.time_projection_names(unet)
         return names
+
+    def time_path_linears(self, unet: nn.Module) -> dict[str, nn.Module]:
+        """Linears on the time path: quantized like any layer only when time precalculation is off."""
+        roots = [self.time_embedding_name(unet)] + self.time_projection_names(unet)
+        return {name: module for name, module in unet.named_modules()
+                if isinstance(module, nn.Linear) and min(module.in_features, module.out_features) >= MIN_FEATURES
+                and any(_under(name, root) for root in roots)}
 
     # ------------------------------------------------------------------ layers
 
@@ -118,7 +125,7 @@ class UNetAdapter:
         return {name: module for name, (module, reason) in self._classify(unet).items() if reason is None}
 
     def _classify(self, unet: nn.Module) -> dict:
-        blocks = _BLOCKS[self.family]
+        blocks = _BLOCKS[self.layout]
         embed = self.time_embedding_name(unet)
         projections = self.time_projection_names(unet)
         projection_reason = (
@@ -140,9 +147,9 @@ class UNetAdapter:
 
     def _float_reason(self, name: str, module: nn.Module, blocks: tuple) -> str | None:
         top = name.split(".", 1)[0]
-        if _under(name, "input_blocks.0.0") or (self.family == DIFFUSERS and name == "conv_in"):
+        if _under(name, "input_blocks.0.0") or (self.layout == DIFFUSERS and name == "conv_in"):
             return "conv_in: first layer (K = in_channels x 9 is tiny) and error-sensitive"
-        if (self.family == LDM and top == "out") or (self.family == DIFFUSERS and name == "conv_out"):
+        if (self.layout == LDM and top == "out") or (self.layout == DIFFUSERS and name == "conv_out"):
             return "conv_out: last layer (N = out_channels is tiny) and error-sensitive"
         if top in ("label_emb", "add_embedding", "add_time_proj", "class_embedding"):
             return "SDXL / class conditioning embedding: tiny M (one row per sample)"
@@ -170,11 +177,11 @@ class UNetAdapter:
         ``forward(sample, timestep, encoder_hidden_states, ...)``. Positional or keyword; a Python
         number, 0-d or one-element tensor is broadcast to the batch of the sample.
         """
-        names = ("timesteps", "timestep", "t") if self.family == LDM else ("timestep", "timesteps", "t")
+        names = ("timesteps", "timestep", "t") if self.layout == LDM else ("timestep", "timesteps", "t")
         t = next((kwargs[k] for k in names if kwargs.get(k) is not None), None)
         if t is None:
             if len(args) < 2 or args[1] is None:
-                raise ValueError(f"no timestep in the {self.family} UNet call (expected args[1] or "
+                raise ValueError(f"no timestep in the {self.layout} UNet call (expected args[1] or "
                                  f"keyword {names[0]!r})")
             t = args[1]
         sample = args[0] if args else next((kwargs[k] for k in ("x", "sample") if k in kwargs), None)
@@ -225,9 +232,9 @@ def detect_adapter(unet: nn.Module) -> UNetAdapter:
     if not isinstance(unet, nn.Module):
         raise _unsupported(unet, "not a torch.nn.Module")
     if all(isinstance(getattr(unet, a, None), nn.Module) for a in _LDM_REQUIRED):
-        family, marker = LDM, getattr(unet, "label_emb", None) is not None
+        layout, marker = LDM, getattr(unet, "label_emb", None) is not None
     elif all(isinstance(getattr(unet, a, None), nn.Module) for a in _DIFFUSERS_REQUIRED):
-        family = DIFFUSERS
+        layout = DIFFUSERS
         config = getattr(unet, "config", None)
         add_type = getattr(config, "addition_embed_type", None) if config is not None else None
         if add_type is None and getattr(unet, "add_embedding", None) is not None:
@@ -246,10 +253,10 @@ def detect_adapter(unet: nn.Module) -> UNetAdapter:
     context = _context_dim(unet)
     if context is None:
         raise _unsupported(unet, "no cross-attention (attn2.to_k) found")
-    if context in _CONTEXT_VARIANTS:
-        variant = _CONTEXT_VARIANTS[context]
+    if context in _CONTEXT_VERSIONS:
+        sd_version = _CONTEXT_VERSIONS[context]
     elif marker:
-        variant = "sdxl"
+        sd_version = "sdxl"
     else:
-        variant = "sd2" if _linear_projection(unet) else "sd1"
-    return UNetAdapter(family, variant)
+        sd_version = "sd2" if _linear_projection(unet) else "sd1"
+    return UNetAdapter(layout, sd_version)

@@ -1,0 +1,1 @@
+"""Calibration: serial capture, timestep groups, parallel fitting and rounding, precision plan, pipeline."""

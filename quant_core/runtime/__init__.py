@@ -1,0 +1,1 @@
+"""Run time: weight formats, integer kernels, quantized layers, time-table lookups and a model's routing."""
