@@ -233,7 +233,7 @@ def test_time_lookup_verifies_once_per_weights_epoch_and_falls_back_when_patched
         # a LoRA merged into the time MLP (ComfyUI replaces the parameter by key, set_attr_param)
         key_module = lookup.get_submodule("2")
         key_module.weight = nn.Parameter(key_module.weight + 0.01 * torch.randn_like(key_module.weight))
-        ctx.weights_epoch += 1  # once per load (QuantResult.weights_changed)
+        ctx.weights_epoch += 1  # once per load (QuantizedModel.weights_changed)
         patched = mlp(x)
         assert not torch.allclose(patched, expected)
         assert torch.equal(lookup(x), patched) and lookup.table_verified is False
