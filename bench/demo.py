@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from quant_core import metrics  # noqa: E402
-from quant_core.__main__ import _progress_bar  # noqa: E402
+from quant_core.__main__ import progress_bar  # noqa: E402
 from quant_core.config import PRESETS, preset  # noqa: E402
 from quant_core import quantize  # noqa: E402
 
@@ -133,7 +133,7 @@ def run_demo(args) -> int:
         what = BASELINES.get(name, "") if role == "baseline" else "FidelityQuant, the method of docs/METHOD.md"
         print(f"\n=== {role.upper()}: {name}{f' ({what})' if what else ''} ===")
         cfg = preset(name, **overrides)
-        bar, update = _progress_bar(f"calibrating {name}")
+        bar, update = progress_bar(f"calibrating {name}")
         start = time.perf_counter()
         try:
             result = quantize(unet, calib, cfg, progress=update)

@@ -13,10 +13,9 @@ from pathlib import Path
 
 from .config import PRESETS, preset
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _progress_bar(desc: str):
+def progress_bar(desc: str):
     from tqdm import tqdm
 
     bar = tqdm(desc=desc, unit="step", dynamic_ncols=True)
@@ -52,7 +51,7 @@ def cmd_quantize(args) -> int:
                              guidance_scale=args.cfg, height=args.height, width=args.width, seed=args.seed)
     cfg = preset(args.preset, timestep_groups=args.groups, consistency_pass=not args.no_consistency,
                  memory_limit_mb=args.memory_mb)
-    bar, update = _progress_bar(f"calibrating ({args.preset})")
+    bar, update = progress_bar(f"calibrating ({args.preset})")
     start = time.perf_counter()
     try:
         result = quantize(pipe.unet, runner, cfg, progress=update)

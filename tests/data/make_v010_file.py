@@ -2,7 +2,8 @@
 (commit ffb4a9e), from that checkout's root: ``python tests/data/make_v010_file.py``. Kept for the record;
 the current code cannot run it (the old module names are gone), which is the point of the files."""
 import sys, torch
-sys.path.insert(0, "tests"); sys.path.insert(0, ".")
+sys.path.insert(0, "tests")
+sys.path.insert(0, ".")
 from unets import tiny_unet, LoopRunner
 from quant_core.quantize import quantize
 from quant_core.config import preset
@@ -19,7 +20,8 @@ outs = {}
 with torch.no_grad():
     for i, t in enumerate((res.time_keys[0], torch.tensor(321.0))):
         outs[f"out{i}"] = model(x, t, encoder_hidden_states=ctx).sample.contiguous()
-outs["x"], outs["ctx"] = x, ctx
+outs["x"] = x
+outs["ctx"] = ctx
 outs["t0"] = res.time_keys[0].reshape(1).clone()
 save_file(outs, "/tmp/fq_v010_tiny_sd1_w4a8_expected.safetensors")
 print("ok", res.report["layers"].__len__())
