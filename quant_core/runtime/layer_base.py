@@ -125,7 +125,7 @@ class QuantLayer(nn.Module):
             return self.weight.view(self.weight.shape[0], -1)
 
         def unpack():
-            return self.weight_value().to_int8()
+            return self.format.storage_to_int8(self.weight, self._buffers, self.reduce_dim)
         if self.keep_unpacked:
             key = tuple(tensor_version(getattr(self, n)) for n in self._format_tensors if n != "weight")
             return self._cached("int8", key, unpack)

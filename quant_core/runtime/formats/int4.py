@@ -83,6 +83,10 @@ class Int4Weight:
     def storage(self, weight_shape: tuple) -> dict:
         return {"weight": self.packed, "weight_group_scale": self.group_scale}
 
+    @staticmethod
+    def storage_to_int8(weight: torch.Tensor, buffers: dict, reduce_dim: int) -> torch.Tensor:
+        return int4_to_int8(weight, buffers["weight_group_scale"], reduce_dim)
+
     @classmethod
     def from_storage(cls, tensors: dict, channel_scale: torch.Tensor, reduce_dim: int, group_size: int):
         packed = as_dtype(tensors["weight"], torch.uint8)

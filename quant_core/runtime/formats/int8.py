@@ -45,6 +45,11 @@ class Int8Weight:
     def storage(self, weight_shape: tuple) -> dict:
         return {"weight": self.codes.reshape(weight_shape)}
 
+    @staticmethod
+    def storage_to_int8(weight: torch.Tensor, buffers: dict, reduce_dim: int) -> torch.Tensor:
+        """The exact int8 (N, K) straight from stored tensors (the per-call path: no value object)."""
+        return weight.view(weight.shape[0], -1)
+
     @classmethod
     def from_storage(cls, tensors: dict, channel_scale: torch.Tensor, reduce_dim: int, group_size: int):
         codes = as_dtype(tensors["weight"], torch.int8)
