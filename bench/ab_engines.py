@@ -17,7 +17,9 @@ import torch
 def load(name, root):
     spec = importlib.util.spec_from_file_location(name, f"{root}/quant_core/__init__.py",
                                                   submodule_search_locations=[f"{root}/quant_core"])
-    mod = importlib.util.module_from_spec(spec); sys.modules[name] = mod; spec.loader.exec_module(mod)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
     return mod
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -36,7 +38,8 @@ cases = [("linear M=2048 K=320 N=1280", lambda: torch.nn.Linear(320, 1280), (204
 rows = []
 for label, make, shape in cases:
     torch.manual_seed(0)
-    flt = make(); x = torch.randn(shape)
+    flt = make()
+    x = torch.randn(shape)
     scale = [float(x.abs().amax()) / 127]
     for bits in (8, 4):
         cls = "QuantConv2d" if isinstance(flt, torch.nn.Conv2d) else "QuantLinear"
@@ -44,11 +47,15 @@ for label, make, shape in cases:
         b = getattr(new, cls).from_float(flt, weight_bits=bits, group_size=64, act_scales=scale)
         with torch.no_grad():
             assert torch.equal(a(x), b(x)), label  # same codes, same kernels: identical outputs
-            for _ in range(3): a(x); b(x)
+            for _ in range(3):
+                a(x)
+                b(x)
             ta, tb = [], []
             for rep in range(30):
                 for layer, store in ((a, ta), (b, tb)) if rep % 2 == 0 else ((b, tb), (a, ta)):
-                    t0 = time.perf_counter(); layer(x); store.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    layer(x)
+                    store.append(time.perf_counter() - t0)
         ratios = [y / x_ for x_, y in zip(ta, tb)]
         rows.append({"case": label, "bits": bits, "before_ms": statistics.median(ta) * 1e3,
                      "after_ms": statistics.median(tb) * 1e3, "after_over_before_paired": statistics.median(ratios),
