@@ -20,6 +20,7 @@
 # and the env variables to use are printed at the end (also written to DEST/env.sh).
 # Idempotent: a second run re-extracts only what changed and skips installed packages.
 set -euo pipefail
+HOSTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # tests/hosts: shared helper scripts
 
 DEST=/work/hosts/a1111
 MIRROR=/work/.mirror
@@ -63,45 +64,7 @@ extract() {
     echo "  $dest already at $commit"; return 0
   fi
   mkdir -p "$dest"
-  python3 - "$gitdir" "$commit" "$dest" <<'PY'
-import os, subprocess, sys
-gitdir, commit, dest = sys.argv[1:]
-git = ["git", "--git-dir", gitdir]
-out = subprocess.run(git + ["ls-tree", "-r", "-z", "--full-tree", commit],
-                     check=True, capture_output=True).stdout
-entries = []
-for rec in out.split(b"\0"):
-    if not rec:
-        continue
-    meta, path = rec.split(b"\t", 1)
-    mode, typ, sha = meta.split()
-    entries.append((mode.decode(), typ.decode(), sha.decode(), os.fsdecode(path)))
-cat = subprocess.Popen(git + ["cat-file", "--batch"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-missing, written = [], 0
-for mode, typ, sha, path in entries:
-    target = os.path.join(dest, path)
-    if typ == "commit":  # submodule: leave an empty folder
-        os.makedirs(target, exist_ok=True); continue
-    cat.stdin.write(sha.encode() + b"\n"); cat.stdin.flush()
-    header = cat.stdout.readline().split()
-    if header[1] == b"missing":
-        missing.append(path); continue
-    data = cat.stdout.read(int(header[2])); cat.stdout.read(1)
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    if os.path.islink(target) or (mode == "120000" and os.path.exists(target)):
-        os.remove(target)
-    if mode == "120000":
-        os.symlink(os.fsdecode(data), target)
-    else:
-        with open(target, "wb") as f:
-            f.write(data)
-        os.chmod(target, 0o755 if mode == "100755" else 0o644)
-    written += 1
-cat.stdin.close(); cat.wait()
-print(f"  {dest}: {written} files from {commit[:10]}" + (f", {len(missing)} absent from the snapshot: {missing[:5]}" if missing else ""))
-with open(os.path.join(dest, ".snapshot-commit"), "w") as f:
-    f.write(commit + "\n")
-PY
+  python3 "$HOSTS_DIR/extract_snapshot.py" "$gitdir" "$commit" "$dest"
 }
 
 pinned() {  # pinned commit hash for NAME_commit_hash in A1111's launch_utils.py
