@@ -1,15 +1,23 @@
 """Write out every blob of one commit of a bare git snapshot into a folder (no work tree, no network).
 
-    python3 tests/hosts/extract_snapshot.py GITDIR COMMIT DEST
+    python3 tests/hosts/extract_snapshot.py GITDIR REF DEST
 
-Blobs absent from the snapshot (large files the fetch left out) are reported and skipped; submodules
+REF is any commit-ish (HEAD, a tag, a hash). Nothing is done when DEST/.snapshot-commit already names
+that commit. Blobs absent from the snapshot (large files the fetch left out) are reported and skipped; submodules
 become empty folders; DEST/.snapshot-commit records the commit. Used by setup_a1111.sh and setup_forge.sh.
 """
 import os
 import subprocess
 import sys
-gitdir, commit, dest = sys.argv[1:]
+gitdir, ref, dest = sys.argv[1:]
 git = ["git", "--git-dir", gitdir]
+commit = subprocess.run(git + ["rev-parse", "--verify", f"{ref}^{{commit}}"], check=True, capture_output=True,
+                        text=True).stdout.strip()
+stamp = os.path.join(dest, ".snapshot-commit")
+if os.path.isfile(stamp) and open(stamp).read().strip() == commit:
+    print(f"  {dest} already at {commit}")
+    sys.exit(0)
+os.makedirs(dest, exist_ok=True)
 out = subprocess.run(git + ["ls-tree", "-r", "-z", "--full-tree", commit],
                      check=True, capture_output=True).stdout
 entries = []
@@ -47,5 +55,5 @@ for mode, typ, sha, path in entries:
 cat.stdin.close()
 cat.wait()
 print(f"  {dest}: {written} files from {commit[:10]}" + (f", {len(missing)} absent from the snapshot: {missing[:5]}" if missing else ""))
-with open(os.path.join(dest, ".snapshot-commit"), "w") as f:
+with open(stamp, "w") as f:
     f.write(commit + "\n")

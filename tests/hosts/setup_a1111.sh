@@ -54,18 +54,9 @@ for g in "$WEBUI_GIT" "$SD_GIT" "$SGM_GIT" "$KD_GIT" "$BLIP_GIT" "$FORGE_GIT"; d
   git --git-dir="$g" rev-parse --verify -q HEAD >/dev/null || { echo "not a git dir: $g" >&2; exit 1; }
 done
 
-# extract GITDIR COMMIT DEST: write out every blob `git ls-tree -r COMMIT` lists
-# (no work tree, no network); blobs absent from the snapshot (large files) are
-# reported and skipped. Skips work when DEST/.snapshot-commit already matches.
-extract() {
-  local gitdir=$1 commit dest=$3
-  commit=$(git --git-dir="$gitdir" rev-parse --verify "$2^{commit}")
-  if [ -f "$dest/.snapshot-commit" ] && [ "$(cat "$dest/.snapshot-commit")" = "$commit" ]; then
-    echo "  $dest already at $commit"; return 0
-  fi
-  mkdir -p "$dest"
-  python3 "$HOSTS_DIR/extract_snapshot.py" "$gitdir" "$commit" "$dest"
-}
+# extract GITDIR REF DEST: every blob of that commit into DEST (tests/hosts/extract_snapshot.py;
+# no work tree, no network; skipped when DEST/.snapshot-commit already matches).
+extract() { python3 "$HOSTS_DIR/extract_snapshot.py" "$@"; }
 
 pinned() {  # pinned commit hash for NAME_commit_hash in A1111's launch_utils.py
   sed -n "s/.*'$1', \"\([0-9a-f]\{40\}\)\".*/\1/p" "$DEST/webui/modules/launch_utils.py" | head -1
