@@ -66,9 +66,35 @@ def cpu_has_fast_int8() -> bool:
     return fast
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_int_mm_available() -> bool:
+    """Whether this torch runs ``torch._int_mm`` on CPU (torch 2.1, which AUTOMATIC1111 v1.10 ships, has
+    it for CUDA only); where it does not, the CPU int8 paths that need it use the float emulation."""
+    try:
+        torch._int_mm(torch.ones(32, 32, dtype=torch.int8), torch.ones(32, 32, dtype=torch.int8))
+    except (RuntimeError, NotImplementedError, AttributeError):
+        log.info("FidelityQuant: torch %s has no CPU torch._int_mm; CPU int8 GEMMs are emulated in float32",
+                 torch.__version__)
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
 def onednn_conv_available() -> bool:
+    """Whether oneDNN's int8 conv ops exist with the signature used here (torch 2.1's take other arguments)."""
     ops = torch.ops.onednn
-    return hasattr(ops, "qconv_prepack") and hasattr(ops, "qconv2d_pointwise")
+    if not (hasattr(ops, "qconv_prepack") and hasattr(ops, "qconv2d_pointwise")):
+        return False
+    try:
+        w_scale = torch.ones(16)
+        packed = onednn_prepack(torch.ones(16, 16, 1, 1, dtype=torch.int8), w_scale, (1, 1), (0, 0), (1, 1))
+        conv_onednn(torch.ones(1, 16, 2, 2), 1.0, packed, w_scale, torch.zeros(16, dtype=torch.int64), None,
+                    (1, 1), (0, 0), (1, 1))
+    except (RuntimeError, TypeError) as exc:
+        log.info("FidelityQuant: torch %s's oneDNN int8 conv is not usable here (%s)", torch.__version__,
+                 str(exc).split("\n")[0])
+        return False
+    return True
 
 
 def linear_backend(device: torch.device, in_features: int, out_features: int) -> str:
@@ -77,7 +103,7 @@ def linear_backend(device: torch.device, in_features: int, out_features: int) ->
     if device.type == "cuda":
         # _int_mm's CUDA constraints on K and N are fixed per layer; M is padded per call.
         return "int_mm" if in_features % 8 == 0 and out_features % 8 == 0 else "float"
-    if device.type == "cpu" and cpu_has_fast_int8():
+    if device.type == "cpu" and cpu_has_fast_int8() and cpu_int_mm_available():
         return "int_mm"
     return "float"
 
@@ -87,7 +113,9 @@ def conv_backend(device: torch.device, in_features: int, out_features: int, out_
         return "float"
     if device.type == "cpu":
         if cpu_has_fast_int8():
-            return "onednn" if onednn_conv_available() else "im2col"
+            if onednn_conv_available():
+                return "onednn"
+            return "im2col" if cpu_int_mm_available() else "float"
         return "float"
     if device.type == "cuda":
         if in_features % 8 or out_features % 8 or out_pixels > CUDA_IM2COL_MAX_PIXELS:
