@@ -54,6 +54,16 @@ _SUPPORTED = ("FidelityQuant supports SD1.x / SD2.x / SDXL UNets, in ldm layout 
               "sgm UNetModel) or diffusers layout (UNet2DConditionModel)")
 
 
+def is_linear(module) -> bool:
+    """``nn.Linear`` (subclasses included), or a host's linear layer that is a plain module with its attributes
+    (Forge's ``ForgeOperations.Linear``: ``in_features``, ``out_features``, a matching 2-D ``weight``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Linear" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and tuple(weight.shape) == (getattr(module, "out_features", None), getattr(module, "in_features", None)))
+
+
 class UnsupportedModelError(ValueError):
     """The model is not a Stable Diffusion UNet that FidelityQuant knows."""
 
@@ -106,7 +116,7 @@ class UNetAdapter:
         """Linears on the time path: quantized like any layer only when time precalculation is off."""
         roots = [self.time_embedding_name(unet)] + self.time_projection_names(unet)
         return {name: module for name, module in unet.named_modules()
-                if isinstance(module, nn.Linear) and min(module.in_features, module.out_features) >= MIN_FEATURES
+                if is_linear(module) and min(module.in_features, module.out_features) >= MIN_FEATURES
                 and any(_under(name, root) for root in roots)}
 
     # ------------------------------------------------------------------ layers
@@ -135,7 +145,7 @@ class UNetAdapter:
             "conditioning embedding, so it runs in float every call")
         out = {}
         for name, module in unet.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if isinstance(module, nn.Conv2d) or is_linear(module):
                 if _under(name, embed):
                     reason = "time MLP: depends on t only, precalculated per timestep (never quantized)"
                 elif any(_under(name, root) for root in projections):
@@ -199,7 +209,7 @@ def _under(name: str, root: str) -> bool:
 
 def _context_dim(unet: nn.Module) -> int | None:
     for name, module in unet.named_modules():
-        if name.endswith("attn2.to_k") and isinstance(module, nn.Linear):
+        if name.endswith("attn2.to_k") and is_linear(module):
             return module.in_features
     return None
 
@@ -207,7 +217,7 @@ def _context_dim(unet: nn.Module) -> int | None:
 def _linear_projection(unet: nn.Module) -> bool:
     for name, module in unet.named_modules():
         if name.endswith("proj_in"):
-            return isinstance(module, nn.Linear)
+            return is_linear(module)
     return False
 
 

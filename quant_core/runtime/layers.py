@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from ..models.adapters import is_linear
 from .layer_base import QuantLayer
 
 
@@ -44,7 +45,7 @@ class QuantLinear(QuantLayer):
                    weight_clip=None, per_tensor: bool = False, weight=None) -> "QuantLinear":
         """Build from an ``nn.Linear`` (or subclass). ``act_scales=None`` means dynamic per-token;
         ``weight``: an already quantized weight value (e.g. fitted) instead of quantizing the float one."""
-        if not isinstance(linear, nn.Linear):
+        if not is_linear(linear):
             raise TypeError(f"QuantLinear.from_float needs an nn.Linear, got {type(linear).__name__}")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_bits,
                     group_size, _act_groups(act_scales), device=linear.weight.device)
