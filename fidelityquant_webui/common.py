@@ -1,0 +1,141 @@
+"""Host-free parts of the AUTOMATIC1111 / Forge glue: the file folder, file choice, the layer swap for one
+job, the calibration settings. No A1111 / Forge import here (unit-tested without either host).
+
+The layer swap replaces individual layers of the live UNet (never the UNet object itself), so an extension
+that replaces the UNet's ``forward`` on the instance (sd-webui-controlnet) still runs, and a forward
+pre-hook on the UNet hands each call's timestep to the runtime for group routing. ``restore`` puts the
+very same float modules back, so "None" afterwards runs exactly the float model.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from quant_core.config import PRESETS, preset
+
+NONE = "None"
+FOLDER_NAME = "fidelity_quant"          # models/fidelity_quant, the same folder name as in ComfyUI
+INFOTEXT_KEY = "FidelityQuant"          # "FidelityQuant: file.safetensors" in the generation parameters
+UI_PRESETS = ["W8A8", "W4A8", "W4A8-mixed"]
+DEFAULT_PROMPTS_FILE = Path(__file__).resolve().parent.parent / "nodes" / "default_prompts.txt"
+
+
+def default_prompts() -> str:
+    return DEFAULT_PROMPTS_FILE.read_text().strip()
+
+
+def list_files(folder: str) -> list[str]:
+    """``NONE`` then the ``.safetensors`` files in ``folder`` (sub-folders with "/"), sorted."""
+    found = []
+    if os.path.isdir(folder):
+        for root, _dirs, files in os.walk(folder):
+            for name in files:
+                if name.endswith(".safetensors") and not name.startswith("."):
+                    found.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+    return [NONE] + sorted(found, key=str.lower)
+
+
+def is_none(choice) -> bool:
+    return choice is None or str(choice).strip() in ("", NONE, "none")
+
+
+def resolve_file(folder: str, choice: str) -> str:
+    """The path of ``choice`` (a name from ``list_files``) inside ``folder``; clear errors otherwise."""
+    name = str(choice).strip()
+    if not name.endswith(".safetensors"):
+        raise ValueError(f"FidelityQuant: {name!r} is not a .safetensors file; only safetensors files are loaded")
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"FidelityQuant: {name!r} is outside {folder}")
+    if not os.path.isfile(path):
+        available = ", ".join(list_files(folder)[1:]) or "none"
+        raise FileNotFoundError(f"FidelityQuant: no file {name!r} in {folder} (available: {available})")
+    return path
+
+
+def output_path(folder: str, filename: str) -> str:
+    """``folder/<filename>.safetensors``; an existing name gets ``_00001`` and so on (never overwritten)."""
+    name = str(filename).strip()
+    stem = name[:-len(".safetensors")] if name.endswith(".safetensors") else name
+    if not stem or stem.startswith(".") or Path(stem).name != stem or re.search(r"[\\/:*?\"<>|]", stem):
+        raise ValueError(f"FidelityQuant: {filename!r} must be a plain file name (no folders)")
+    path = Path(folder) / f"{stem}.safetensors"
+    counter = 1
+    while path.exists():
+        path = Path(folder) / f"{stem}_{counter:05d}.safetensors"
+        counter += 1
+    return str(path)
+
+
+def prompt_lines(prompts: str) -> list[str]:
+    lines = [line.strip() for line in str(prompts or "").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("FidelityQuant: give at least one calibration prompt (one per line)")
+    return lines
+
+
+def make_config(preset_name: str, timestep_groups: int = 4, bits_budget: float = 4.5, consistency_pass: bool = True,
+                memory_limit_mb: int = 256):
+    """The engine config for the tab's settings (bits_budget only matters for W4A8-mixed)."""
+    if preset_name not in UI_PRESETS or preset_name not in PRESETS:
+        raise ValueError(f"FidelityQuant: unknown preset {preset_name!r}; choose one of {', '.join(UI_PRESETS)}")
+    options = {"timestep_groups": int(timestep_groups), "consistency_pass": bool(consistency_pass),
+               "memory_limit_mb": int(memory_limit_mb)}
+    if preset_name == "W4A8-mixed":
+        options["bits_budget"] = float(bits_budget)
+    return preset(preset_name, **options)
+
+
+class LayerSwap:
+    """A runtime's quantized layers (and time lookups) put into a live UNet for one job; ``restore`` undoes it.
+
+    ``runtime``: a :class:`quant_core.runtime.model.QuantizedModel`; ``timesteps_from_call`` reads the
+    timestep of a UNet call (the adapter's). ``before_swap(name, original, replacement)`` lets host glue
+    copy host attributes (e.g. A1111's ``network_layer_name``) onto the replacement; ``on_call()`` runs at the
+    start of every UNet call, before the routing (e.g. to tell the runtime that a LoRA set changed).
+    """
+
+    def __init__(self, unet, runtime, timesteps_from_call, before_swap=None, on_call=None) -> None:
+        self.unet, self.runtime = unet, runtime
+        self.originals: dict = {}
+        self.handles: list = []
+        replacements = runtime.replacements(unet)  # time lookups wrap the UNet's own modules: before swapping
+        try:
+            for name, module in replacements.items():
+                parent_name, _, child = name.rpartition(".")
+                parent = unet.get_submodule(parent_name) if parent_name else unet
+                if child not in parent._modules:
+                    raise KeyError(f"FidelityQuant: the UNet has no layer {name}")
+                original = parent._modules[child]
+                if before_swap is not None:
+                    before_swap(name, original, module)
+                self.originals[name] = (parent, child, original)
+                parent._modules[child] = module
+
+            def route(_module, args, kwargs):
+                if on_call is not None:
+                    on_call()
+                runtime.set_timesteps(timesteps_from_call(args, kwargs))
+
+            def finish(_module, _args, _output):
+                runtime.finish_call()
+
+            self.handles = [unet.register_forward_pre_hook(route, with_kwargs=True),
+                            unet.register_forward_hook(finish)]
+        except BaseException:
+            self.restore()
+            raise
+
+    @property
+    def active(self) -> bool:
+        return bool(self.originals)
+
+    def restore(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        for parent, child, original in self.originals.values():
+            parent._modules[child] = original
+        self.originals = {}

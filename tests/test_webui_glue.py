@@ -1,0 +1,129 @@
+"""The host-free part of the A1111 / Forge glue (fidelityquant_webui/common.py), without either host.
+
+The layer swap is checked on a calibrated tiny diffusers UNet: swapped in, the live UNet gives the quantized
+model's output (the same as ``Calibration.apply``'s clone); restored, it gives bit-identical float output
+with the very same modules and no hooks left. Plus file listing / choice / naming and the settings' checks.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fidelityquant_webui import common
+from quant_core import quantize
+from quant_core.config import preset
+from quant_core.models.modeltree import weights_digest
+from unets import LoopRunner, tiny_unet
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    torch.manual_seed(0)
+    unet = tiny_unet("sd1").eval()
+    runner = LoopRunner(unet, prompts=1, steps=3)
+    calibration = quantize(unet, runner, preset("W8A8", timestep_groups=2, consistency_pass=False, evaluate=False,
+                                                workers=1))
+    return unet, calibration
+
+
+def call(unet, t):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    context = torch.randn(2, 7, unet.config.cross_attention_dim, generator=gen)
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=context).sample
+
+
+def test_swap_runs_quantized_and_restore_is_exact(calibrated):
+    unet, calibration = calibrated
+    t = torch.tensor(calibration.step_groups[0][0])
+    before = {name: module for name, module in unet.named_modules()}
+    digest = weights_digest(unet)
+    float_out = call(unet, t)
+    expected = call(calibration.apply(unet), t)
+
+    adapter = calibration.check_compatible(unet)
+    swap = common.LayerSwap(unet, calibration.runtime(adapter.timesteps_from_call), adapter.timesteps_from_call)
+    assert swap.active and len(swap.originals) >= len(calibration.layers)
+    swapped_out = call(unet, t)
+    assert torch.equal(swapped_out, expected)
+    assert not torch.equal(swapped_out, float_out)
+
+    swap.restore()
+    assert not swap.active
+    assert {name: module for name, module in unet.named_modules()} == before
+    assert not unet._forward_pre_hooks and not unet._forward_hooks
+    assert torch.equal(call(unet, t), float_out)
+    assert weights_digest(unet) == digest
+
+
+def test_swap_routes_each_call_and_runs_on_call(calibrated):
+    unet, calibration = calibrated
+    adapter = calibration.check_compatible(unet)
+    runtime = calibration.runtime(adapter.timesteps_from_call)
+    calls = []
+    swap = common.LayerSwap(unet, runtime, adapter.timesteps_from_call, on_call=lambda: calls.append(1))
+    try:
+        groups = set()
+        for group in calibration.step_groups:
+            call(unet, torch.tensor(group[0]))
+            groups.add(runtime.context.step_group)
+        assert groups == set(range(len(calibration.step_groups)))
+        assert len(calls) == len(calibration.step_groups)
+    finally:
+        swap.restore()
+
+
+def test_swap_of_missing_layer_leaves_model_untouched(calibrated):
+    unet, calibration = calibrated
+    adapter = calibration.check_compatible(unet)
+    runtime = calibration.runtime(adapter.timesteps_from_call)
+    before = {name: module for name, module in unet.named_modules()}
+    runtime.layers["down_blocks.99.missing"] = next(iter(runtime.layers.values()))
+    with pytest.raises(Exception):
+        common.LayerSwap(unet, runtime, adapter.timesteps_from_call)
+    assert {name: module for name, module in unet.named_modules()} == before
+    assert not unet._forward_pre_hooks and not unet._forward_hooks
+
+
+def test_file_listing_and_choice(tmp_path):
+    assert common.list_files(str(tmp_path / "absent")) == [common.NONE]
+    (tmp_path / "b.safetensors").write_bytes(b"x")
+    (tmp_path / "A.safetensors").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.safetensors").write_bytes(b"x")
+    assert common.list_files(str(tmp_path)) == [common.NONE, "A.safetensors", "b.safetensors", "sub/c.safetensors"]
+    assert common.resolve_file(str(tmp_path), "sub/c.safetensors") == str((tmp_path / "sub" / "c.safetensors").resolve())
+    with pytest.raises(FileNotFoundError, match="no file 'zz.safetensors'.*A.safetensors"):
+        common.resolve_file(str(tmp_path), "zz.safetensors")
+    with pytest.raises(ValueError, match="only safetensors"):
+        common.resolve_file(str(tmp_path), "notes.txt")
+    with pytest.raises(ValueError, match="outside"):
+        common.resolve_file(str(tmp_path / "sub"), "../b.safetensors")
+    assert common.is_none("None") and common.is_none("") and common.is_none(None)
+    assert not common.is_none("A.safetensors")
+
+
+def test_output_path_never_overwrites(tmp_path):
+    first = common.output_path(str(tmp_path), "w8")
+    assert first == str(tmp_path / "w8.safetensors")
+    (tmp_path / "w8.safetensors").write_bytes(b"x")
+    assert common.output_path(str(tmp_path), "w8.safetensors") == str(tmp_path / "w8_00001.safetensors")
+    for bad in ("", "../x", "a/b", ".hidden"):
+        with pytest.raises(ValueError, match="plain file name"):
+            common.output_path(str(tmp_path), bad)
+
+
+def test_settings_checks():
+    config = common.make_config("W4A8-mixed", timestep_groups=3, bits_budget=5.0, consistency_pass=False,
+                                memory_limit_mb=32)
+    assert (config.weight_bits, config.timestep_groups, config.bits_budget, config.consistency_pass,
+            config.memory_limit_mb) == (4, 3, 5.0, False, 32)
+    assert common.make_config("W8A8", bits_budget=5.0).bits_budget == preset("W8A8").bits_budget
+    with pytest.raises(ValueError, match="unknown preset 'naive-W8A8'"):
+        common.make_config("naive-W8A8")
+    with pytest.raises(ValueError, match="at least one calibration prompt"):
+        common.prompt_lines(" \n\n ")
+    assert common.prompt_lines(" a \n\nb\n") == ["a", "b"]
+    assert len(common.prompt_lines(common.default_prompts())) == 34
