@@ -6,10 +6,12 @@ at a calibrated timestep and an unseen one.
 """
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from quant_core import load
+from quant_core.artifact import MissingDigestWarning
 from unets import tiny_unet
 
 DATA = Path(__file__).parent / "data"
@@ -17,7 +19,8 @@ DATA = Path(__file__).parent / "data"
 
 def test_a_file_saved_by_0_1_0_loads_and_gives_the_same_outputs():
     unet = tiny_unet("sd1", seed=0)
-    calibration = load(DATA / "fq_v010_tiny_sd1_w4a8.safetensors", unet)
+    with pytest.warns(MissingDigestWarning, match="no integrity digest"):  # 0.1.0 wrote no digest
+        calibration = load(DATA / "fq_v010_tiny_sd1_w4a8.safetensors", unet)
     assert calibration.layout == "diffusers" and calibration.sd_version == "sd1"
     assert calibration.config.weight_bits == 4 and len(calibration.step_groups) == 2
     expected = load_file(str(DATA / "fq_v010_tiny_sd1_w4a8_expected.safetensors"))
