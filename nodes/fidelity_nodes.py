@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,9 +17,11 @@ from typing import Callable
 import torch
 
 from quant_core import metrics
-from quant_core.artifact import load_result, save_result
+from quant_core.artifact import MissingDigestWarning, describe, load_result
+from quant_core.calibration import Calibration
 from quant_core.config import preset as make_preset
 
+from .inputs import check_calibrate_inputs, resolve_load, save_numbered
 from .patching import ComfySamplerRunner, diffusion_model_of, quantized_model, unload_clones_of
 
 CATEGORY = "FidelityQuant"
@@ -72,10 +75,11 @@ def calibrate_and_quantize(model, clip, prompts, negative, steps, cfg, sampler_n
     import comfy.utils
 
     from quant_core.calibrate.pipeline import quantize
+    from quant_core.validate import check_finite_weights
 
-    lines = [p.strip() for p in prompts.splitlines() if p.strip()]
-    if not lines:
-        raise ValueError("FidelityQuant: give at least one calibration prompt (one per line)")
+    # Server side: a graph posted to the API may carry any values, whatever the widgets allow.
+    lines = check_calibrate_inputs(prompts, negative, steps, cfg, width, height, seed, preset, timestep_groups,
+                                   bits_budget, memory_limit_mb)
     encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))  # noqa: E731
     negative_cond = encode(negative)
     runner = ComfySamplerRunner(model, [(encode(p), negative_cond) for p in lines], steps, cfg, sampler_name,
@@ -91,7 +95,9 @@ def calibrate_and_quantize(model, clip, prompts, negative, steps, cfg, sampler_n
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     with outside_inference_mode():
-        calibration = quantize(pristine_unet(model), runner, make_preset(preset, **options), progress=progress)
+        unet = pristine_unet(model)
+        check_finite_weights(unet)  # ComfyUI casts weights per layer, so mixed dtypes are fine here
+        calibration = quantize(unet, runner, make_preset(preset, **options), progress=progress)
         return quantized_model(model, calibration), calibration, calibration.summary()
 
 
@@ -99,17 +105,12 @@ def save_quantized(quant_result, filename) -> str:
     """Write ``models/fidelity_quant/<filename>.safetensors`` (numbered, never overwritten); -> message."""
     import folder_paths
 
+    if not isinstance(quant_result, Calibration):
+        raise ValueError("FidelityQuant: quant_result must come from Calibrate & Quantize "
+                         f"(got {type(quant_result).__name__})")
     register_folder()
-    stem = Path(filename).stem or "fidelityquant"
-    if Path(filename).name != filename or stem.startswith("."):
-        raise ValueError(f"FidelityQuant: {filename!r} must be a plain file name (no folders)")
-    folder = folder_paths.get_folder_paths(FOLDER)[0]
-    path = Path(folder) / f"{stem}.safetensors"
-    counter = 1
-    while path.exists():  # never overwrite silently: number new files instead
-        path = Path(folder) / f"{stem}_{counter:05d}.safetensors"
-        counter += 1
-    save_result(quant_result, path)
+    path = save_numbered(quant_result, folder_paths.get_folder_paths(FOLDER)[0], filename)
+    getattr(folder_paths, "filename_list_cache", {}).pop(FOLDER, None)  # the Load node's list shows the new file at once
     return f"saved {path.name}"
 
 
@@ -118,10 +119,15 @@ def load_quantized(model, file):
     import folder_paths
 
     register_folder()
-    path = folder_paths.get_full_path_or_raise(FOLDER, file)
-    with outside_inference_mode():
+    path = resolve_load(folder_paths.get_folder_paths(FOLDER), file)
+    with outside_inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MissingDigestWarning)
         calibration = load_result(path, unet_as_run_by(model))
-        return quantized_model(model, calibration), calibration.summary()
+        report = describe(calibration)
+        if any(issubclass(w.category, MissingDigestWarning) for w in caught):
+            report += ("\nnote: this file has no integrity digest (saved by FidelityQuant 0.1.0), so its data were "
+                       "not checked for damage; save it again to add one")
+        return quantized_model(model, calibration), report
 
 
 def compare_images(reference, images):

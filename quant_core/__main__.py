@@ -14,7 +14,6 @@ from pathlib import Path
 from .config import PRESETS, preset
 
 
-
 def progress_bar(desc: str):
     from tqdm import tqdm
 
@@ -29,28 +28,58 @@ def progress_bar(desc: str):
 
 
 def _read_prompts(path: str) -> list:
+    from .validate import clean_prompts
+
     file = Path(path)
     if not file.is_file():
-        raise SystemExit(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise SystemExit(f"{path} has no prompts (one per line)")
-    return prompts
+        raise SystemExit(f"prompt file not found: {path}" + (" (it is a folder)" if file.is_dir() else ""))
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"cannot read the prompt file {path} ({exc}); save it as UTF-8 text, one prompt per line")
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise SystemExit(f"{path} has no prompts (one per line; lines starting with # are comments)")
+    try:
+        return clean_prompts(lines)
+    except ValueError as exc:
+        raise SystemExit(f"{path}: {exc}")
+
+
+def _load_model(path: str, device: str):
+    """The diffusers pipeline, or one line that says why not (diffusers' own errors run to many lines and
+    can mislead, e.g. 'Unable to locate the file' for a weights file that exists but is truncated)."""
+    from .models.runners import load_diffusers_pipeline
+
+    try:
+        return load_diffusers_pipeline(path, device=device)
+    except (FileNotFoundError, ValueError):
+        raise  # already one clear line (missing folder, no model_index.json, unsupported pipeline)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise SystemExit(f"could not load the diffusers model in {path} ({type(exc).__name__}: {first}). A weights "
+                         "file may be incomplete or corrupt: re-download or re-convert the model.") from None
 
 
 def cmd_quantize(args) -> int:
-    from .artifact import save_result
-    from .calibrate.pipeline import quantize
-    from .models.runners import DiffusersRunner, load_diffusers_pipeline
+    from . import quantize
+    from .artifact import check_output_path, save_result
+    from .models.runners import DiffusersRunner
+    from .validate import check_config, check_sampling
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"{out} exists; pass --overwrite or choose another --out")
-    pipe = load_diffusers_pipeline(args.model, device=args.device)
-    runner = DiffusersRunner(pipe, _read_prompts(args.prompts), negative_prompt=args.negative, steps=args.steps,
-                             guidance_scale=args.cfg, height=args.height, width=args.width, seed=args.seed)
+    # Everything that can be checked without the model is checked before loading and calibrating it,
+    # so that a bad --out or setting never costs a calibration.
+    out = Path(check_output_path(args.out, args.overwrite))
+    if out.suffix != ".safetensors":
+        raise SystemExit(f"--out {out}: the file name must end in .safetensors")
+    prompts = _read_prompts(args.prompts)
+    check_sampling(args.steps, args.width, args.height)
     cfg = preset(args.preset, timestep_groups=args.groups, consistency_pass=not args.no_consistency,
                  memory_limit_mb=args.memory_mb)
+    check_config(cfg)
+    pipe = _load_model(args.model, args.device)
+    runner = DiffusersRunner(pipe, prompts, negative_prompt=args.negative, steps=args.steps,
+                             guidance_scale=args.cfg, height=args.height, width=args.width, seed=args.seed)
     bar, update = progress_bar(f"calibrating ({args.preset})")
     start = time.perf_counter()
     try:
@@ -61,6 +90,23 @@ def cmd_quantize(args) -> int:
     print(result.summary())
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.0f}s")
     return 0
+
+
+def _run(args) -> int:
+    """One line for the errors a user can act on (SystemExit: printed on stderr, exit status 1), instead of
+    a traceback."""
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; no output file was written", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, MemoryError) or "can't allocate" in str(exc) or "out of memory" in str(exc):
+            raise SystemExit(f"error: out of memory ({str(exc)[:200]}); lower --memory-mb, the image size or "
+                             "the number of prompts") from None
+        raise
+    except (ValueError, OSError) as exc:  # ours name the problem (settings, files, model)
+        raise SystemExit(f"error: {exc}") from None
 
 
 def main(argv=None) -> int:
@@ -87,7 +133,7 @@ def main(argv=None) -> int:
     q.set_defaults(func=cmd_quantize)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    return _run(args)
 
 
 if __name__ == "__main__":

@@ -201,7 +201,7 @@ def load_result(path: str, unet=None, device=None) -> Calibration:
     with _open(path) as f:
         for key in sorted(f.keys()):  # each tensor's size is bounded by the file's, which safetensors checked
             tensors[key] = f.get_tensor(key)
-            digest.add(key, tensors[key])
+    digest.add_all(tensors)
     # Damage first (the likeliest cause of anything below), then structure, for files without a digest
     # or with a recomputed one.
     if DIGEST_KEY not in metadata:
