@@ -20,10 +20,17 @@ class QuantConfig:
     weight_per_tensor: bool = False   # naive baseline: one weight range per tensor
     weight_rounding: str = "gptq"     # "gptq": error-compensating rounding on captured inputs; "nearest": RTN
     memory_limit_mb: int = 256        # capture reservoir budget
+    gram_block: int = 1024            # error-compensated rounding: input Gram matrices kept block-diagonal,
+                                      # blocks of at most this many inputs (calibrate/gram.py)
+    gram_memory_mb: int = 8192        # Gram matrices held at once; more layers -> more capture passes
+    gram_cost: float = 0.5            # Gram update per call ~ this x the layer's own FLOPs (rows subsampled)
+    gptq_min_rows: float = 0.0        # rows per Gram-block input below which a layer rounds to nearest
+                                      # instead (0: always error-compensated, with damping)
     fit_rows: int = 2048              # rows per layer and group for the clip / scale searches (subsampled,
-                                      # seeded); error-compensated rounding uses every captured row
+                                      # seeded); error-compensated rounding uses the Gram matrices instead
     workers: int = 2                  # threads for parallel per-layer fitting
-    evaluate: bool = True             # measure UNet-output error vs float per step after fitting
+    evaluate: bool = True             # measure UNet-output error vs float per step: inside the consistency
+                                      # pass when there is one (before its refit), else in a pass of its own
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -37,6 +44,9 @@ class QuantConfig:
             raise ValueError(f"weight_rounding must be 'gptq' or 'nearest', got {self.weight_rounding!r}")
         if self.timestep_groups < 1:
             raise ValueError("timestep_groups must be at least 1")
+        if self.gram_block < 16 or self.gram_memory_mb <= 0 or self.gram_cost <= 0 or self.gptq_min_rows < 0:
+            raise ValueError("gram_block must be >= 16 and gram_memory_mb, gram_cost positive, gptq_min_rows >= 0 "
+                             f"(got {self.gram_block}, {self.gram_memory_mb}, {self.gram_cost}, {self.gptq_min_rows})")
         if self.mixed_precision and not (self.weight_bits < self.bits_budget <= 16):
             raise ValueError(f"bits_budget {self.bits_budget} must lie in ({self.weight_bits}, 16]")
 

@@ -74,7 +74,8 @@ def test_fitted_codes_are_what_the_built_layer_holds():
     x = _correlated_inputs(512, 200, 7)
     h = rounding.input_gram(x)
     for bits in (4, 8):
-        clip, value = fitting.search_clip_error_feedback(linear.weight.detach(), h, bits, 64)
+        rounder = rounding.BlockRounder([(slice(0, 200), h)])
+        clip, value = fitting.search_clip_error_feedback(linear.weight.detach(), rounder, bits, 64)
         w8, scale = value.to_int8(), value.channel_scale
         assert all(any(abs(c - g) < 1e-6 for g in fitting.GPTQ_CLIP_CANDIDATES) for c in clip.tolist())
         fit = fitting.LayerFit(value, clip, torch.ones(1), 0.0, "gptq")
@@ -92,16 +93,37 @@ def test_config_rejects_unknown_rounding():
         QuantConfig(weight_rounding="stochastic")
 
 
-def test_fit_layer_falls_back_to_nearest_when_rows_are_fewer_than_inputs():
-    """H from fewer rows than K is rank-deficient: such a layer keeps round-to-nearest weights."""
-    from quant_core.calibrate.capture import LayerCapture, StepRecord
+def _gram_of(x: torch.Tensor, block: int):
+    from quant_core.calibrate.gram import GramAccumulator
 
-    gen = torch.Generator().manual_seed(8)
-    w = torch.randn(16, 128, generator=gen)
-    cfg = QuantConfig(weight_bits=4)
-    for n_rows, expect_gptq in ((64, False), (512, True)):
-        x = _correlated_inputs(n_rows, 128, 9)
-        cap = LayerCapture("l", "linear", 128, n_rows, {500.0: StepRecord(amax=float(x.abs().max()),
-                                                                          channel_amax=x.abs().amax(0), rows=x)})
-        fit = fitting.fit_layer(w, cap, [[500.0]], 4, cfg, seed=0)
-        assert (fit.rounding == "gptq") == expect_gptq
+    acc = GramAccumulator(x.shape[1], block)
+    acc.add(x)
+    return acc
+
+
+def test_rounding_plan_follows_the_row_threshold_and_names_the_reason():
+    """gptq_min_rows decides between damped error-compensated rounding and a named round-to-nearest fallback."""
+    x = _correlated_inputs(64, 128, 9)
+    few = _gram_of(x, 1024)
+    assert fitting.rounding_plan(few, QuantConfig(weight_bits=4))[0] is not None  # default: damped, never dropped
+    rounder, reason = fitting.rounding_plan(few, QuantConfig(weight_bits=4, gptq_min_rows=1.0))
+    assert rounder is None and "64 captured rows < 1 x 128" in reason
+    assert fitting.rounding_plan(None, QuantConfig(weight_bits=4))[1] == "no input rows were captured for it"
+    assert fitting.rounding_plan(few, QuantConfig(weight_bits=4, weight_rounding="nearest")) == (None, "")
+
+
+def test_block_rounder_with_one_block_is_the_full_rounder_and_blocks_compensate_within():
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(24, 192, generator=gen) * 0.05
+    x = _correlated_inputs(1024, 192, 12)
+    grid = formats.quantize_weight(w, 4, 64)
+    step, qmin, qmax = grid.grid_step(), grid.qmin, grid.qmax
+    full = rounding.round_with_error_feedback(w, step, qmin, qmax, rounding.input_gram(x))
+    one = rounding.BlockRounder(_gram_of(x, 192).blocks()).round(w, step, qmin, qmax)
+    assert torch.equal(one, full)
+    blocked = rounding.BlockRounder(_gram_of(x, 64).blocks())
+    assert len(blocked.parts) == 3
+    codes = blocked.round(w, step, qmin, qmax)
+    rtn = torch.clamp(torch.round(w / step), qmin, qmax)
+    # Block-diagonal H keeps most of the gain: between the full rounding and round-to-nearest.
+    assert _output_error(x, w, full * step) < _output_error(x, w, codes * step) < _output_error(x, w, rtn * step)

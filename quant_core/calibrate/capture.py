@@ -11,6 +11,9 @@ removed. Per layer and timestep we keep:
 Reservoir memory follows ``memory_limit_bytes`` split evenly over layers and timesteps, with a floor
 of ``MIN_ROWS_PER_STEP`` rows per layer and timestep (so a very small limit can be exceeded; the
 report states the bytes captured). The split uses the runner's ``steps`` as the number of timesteps.
+
+Layers given a :class:`~.gram.GramAccumulator` also accumulate their input Gram matrix (``gram.py``).
+A pass may record only Gram matrices (``stats=False``): later passes of a memory-bounded calibration.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..runtime.kernels import conv_out_hw
+from .gram import GramAccumulator, rows_per_call
 from .time_recording import TimeOutputRecorder
 
 ProgressFn = Callable[[int, int], None]  # (unet calls done, total) ; may raise to cancel
@@ -104,8 +108,10 @@ class Recorder:
     """Installs capture hooks; use as a context manager so hooks always come off."""
 
     def __init__(self, unet: nn.Module, layers: dict, timesteps_from_call, rows_per_step: dict,
-                 total_calls: int = 0, progress: ProgressFn | None = None, seed: int = 0) -> None:
+                 total_calls: int = 0, progress: ProgressFn | None = None, seed: int = 0,
+                 grams: dict | None = None, gram_cost: float = 0.5, stats: bool = True) -> None:
         self.unet, self.layers = unet, layers
+        self.grams, self.gram_cost, self.stats = grams or {}, gram_cost, stats
         self.timesteps_from_call = timesteps_from_call
         self.progress, self.total_calls = progress, total_calls
         self.generator = torch.Generator().manual_seed(seed)
@@ -122,7 +128,8 @@ class Recorder:
     def __enter__(self) -> "Recorder":
         self.handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
         for name, module in self.layers.items():
-            self.handles.append(module.register_forward_pre_hook(self._layer_hook(name)))
+            if self.stats or name in self.grams:
+                self.handles.append(module.register_forward_pre_hook(self._layer_hook(name)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -143,7 +150,10 @@ class Recorder:
         def hook(module, args):
             if self.current_key is not None:
                 with torch.no_grad():
-                    self._record(self.captures[name], module, args[0])
+                    if self.stats:
+                        self._record(self.captures[name], module, args[0])
+                    if name in self.grams:
+                        self._add_gram(self.grams[name], self.captures[name], module, args[0])
             return None
         return hook
 
@@ -153,10 +163,10 @@ class Recorder:
             rec = cap.steps[self.current_key] = StepRecord()
         rec.calls += 1
         xd = x.detach()
-        rec.amax = max(rec.amax, float(xd.abs().amax()))
         channel_dim = 1 if cap.kind == "conv" else -1
         reduce = [d for d in range(xd.dim()) if d != channel_dim % xd.dim()]
-        ch = xd.abs().amax(dim=reduce).float().cpu()
+        ch = xd.abs().amax(dim=reduce).float().cpu()  # one pass over x; the tensor amax follows from it
+        rec.amax = max(rec.amax, float(ch.max()))
         rec.channel_amax = ch if rec.channel_amax is None else torch.maximum(rec.channel_amax, ch)
 
         # Reservoir: every candidate row gets a uniform priority; keeping the top-n priorities over
@@ -182,6 +192,31 @@ class Recorder:
         rec.rows, rec.priorities = new_rows, new_prio
 
 
+    def _add_gram(self, gram: GramAccumulator, cap: LayerCapture, module, x: torch.Tensor) -> None:
+        """Add a seeded uniform subset of this call's input rows (all of them when the budget allows)."""
+        xd = x.detach()
+        if cap.kind == "conv":
+            out_h, out_w = _out_hw(module, xd.shape[2], xd.shape[3])
+            n_rows = xd.shape[0] * out_h * out_w
+        else:
+            n_rows = xd.numel() // cap.reduce_dim
+        keep = rows_per_call(n_rows, cap.reduce_dim, module.weight.shape[0], gram.widest, self.gram_cost)
+        if keep >= n_rows:
+            rows = _all_conv_patches(xd, module) if cap.kind == "conv" else xd.reshape(-1, cap.reduce_dim)
+        else:
+            index = torch.randperm(n_rows, generator=self.generator)[:keep].to(xd.device)
+            rows = (_sample_conv_patches(xd, module, index, out_w, out_h * out_w) if cap.kind == "conv"
+                    else xd.reshape(-1, cap.reduce_dim)[index])
+        gram.add(rows)
+
+
+def _all_conv_patches(x: torch.Tensor, module) -> torch.Tensor:
+    """Every im2col row (B*L, C*kh*kw) of a conv input."""
+    kernel, stride, padding, dilation = _conv_geometry(module)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, K, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
 def _reduce_dim(module: nn.Module) -> int:
     if hasattr(module, "reduce_dim"):
         return module.reduce_dim
@@ -203,19 +238,37 @@ def rows_per_step_budget(layers: dict, steps: int, memory_limit_bytes: int) -> d
 
 def capture(unet: nn.Module, layers: dict, runner, timesteps_from_call, steps_hint: int,
             memory_limit_bytes: int, progress: ProgressFn | None = None, total_calls: int = 0,
-            seed: int = 0, time_modules: dict | None = None) -> CaptureResult:
+            seed: int = 0, time_modules: dict | None = None, grams: dict | None = None,
+            gram_cost: float = 0.5) -> CaptureResult:
     """Run ``runner(unet)`` once with capture hooks on ``layers`` (name -> module inside ``unet``).
 
-    ``time_modules`` (name -> module) also get their float outputs recorded per timestep.
+    ``time_modules`` (name -> module) also get their float outputs recorded per timestep; ``grams``
+    (name -> GramAccumulator, a subset of ``layers``) accumulate those layers' input Gram matrices.
     """
     rows = rows_per_step_budget(layers, steps_hint, memory_limit_bytes)
-    with torch.no_grad(), Recorder(unet, layers, timesteps_from_call, rows, total_calls, progress, seed) as rec, \
+    with torch.no_grad(), Recorder(unet, layers, timesteps_from_call, rows, total_calls, progress, seed,
+                                   grams, gram_cost) as rec, \
             TimeOutputRecorder(time_modules or {}, lambda: rec.current_keys) as time_rec:
         runner(unet)
     keys = sorted({k for cap in rec.captures.values() for k in cap.steps}, reverse=True)
     if not keys:
-        raise RuntimeError("calibration captured nothing: the runner never called the UNet "
-                           "(check that it samples with the model it is given)")
+        raise RuntimeError(_NO_CALLS)
     time_keys, time_tables = time_rec.tables()
     return CaptureResult(rec.captures, keys, rec.calls, sum(c.nbytes() for c in rec.captures.values()),
                          time_keys, time_tables)
+
+
+def capture_grams(unet: nn.Module, layers: dict, grams: dict, runner, timesteps_from_call,
+                  progress: ProgressFn | None = None, total_calls: int = 0, seed: int = 0,
+                  gram_cost: float = 0.5) -> int:
+    """A Gram-only pass: ``runner(unet)`` with hooks on ``grams``' layers only; returns the UNet calls."""
+    with torch.no_grad(), Recorder(unet, layers, timesteps_from_call, {n: 0 for n in layers}, total_calls,
+                                   progress, seed, grams, gram_cost, stats=False) as rec:
+        runner(unet)
+    if not rec.calls:
+        raise RuntimeError(_NO_CALLS)
+    return rec.calls
+
+
+_NO_CALLS = ("calibration captured nothing: the runner never called the UNet "
+             "(check that it samples with the model it is given)")

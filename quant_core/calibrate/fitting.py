@@ -34,33 +34,20 @@ def fake_quant_weight(w2d: torch.Tensor, bits: int, group_size: int, clip=None, 
     return formats.quantize_weight(w2d, bits, group_size, clip, per_tensor).dequantize()
 
 
-def error_feedback_weight(w2d: torch.Tensor, rounder, bits: int, group_size: int, clip=None, per_tensor=False):
-    """The format value for ``w2d`` after error-compensating rounding on its grid (same scales as nearest)."""
-    grid = formats.quantize_weight(w2d, bits, group_size, clip, per_tensor)
-    return grid.with_codes(rounder.round(w2d, grid.grid_step(), grid.qmin, grid.qmax))
-
-
-def search_clip_error_feedback(w2d: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
+def search_clip_error_feedback(w2d: torch.Tensor, rounder, bits: int, group_size: int,
                                candidates=GPTQ_CLIP_CANDIDATES) -> tuple[torch.Tensor, object]:
     """Per-channel clip ratio for error-compensated rounding; returns (clip (N,), weight value).
 
-    Rows are independent under this rounding, so each channel keeps the candidate whose rounded row
-    gives the smallest output error ``d H d^T``.
+    ``rounder``: a :class:`rounding.BlockRounder`. Rows are independent under this rounding, so each
+    channel keeps the candidate whose rounded row gives the smallest output error ``d H d^T``.
     """
-    rounder = rounding.ErrorFeedbackRounder(hessian)
-    best_err = best_clip = best = None
-    for c in candidates:
-        value = error_feedback_weight(w2d, rounder, bits, group_size, clip=c)
-        err = rounding.output_error_per_channel(w2d - value.dequantize(), hessian)
-        if best is None:
-            best_err, best = err, value
-            best_clip = torch.full((w2d.shape[0],), float(c))
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_clip[better] = float(c)
-        best = value.where_rows(better, best)
-    return best_clip, best
+    grids = [formats.quantize_weight(w2d, bits, group_size, clip=c) for c in candidates]
+    codes, errors = rounder.round_candidates(w2d, grids)
+    best = errors.argmin(0)  # the first candidate wins ties, as the one-at-a-time search did
+    value = grids[0].with_codes(codes[0])
+    for index in range(1, len(grids)):
+        value = grids[index].with_codes(codes[index]).where_rows(best == index, value)
+    return torch.tensor(candidates, dtype=torch.float32)[best], value
 
 
 def fake_quant_act(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -115,21 +102,24 @@ class LayerFit:
     act_scales: torch.Tensor  # (G,) one per timestep group
     error: float              # relative L2 output error over captured rows (weights + activations)
     rounding: str = "nearest"  # "gptq" when error-compensated rounding chose the codes
+    fallback_reason: str = ""  # why a layer meant for error-compensated rounding was rounded to nearest
 
     @property
     def weight_bits(self) -> int:
         return self.weight.bits
 
 
-def fit_layer(weight: torch.Tensor, capture, step_groups: list, bits: int, cfg, seed: int) -> LayerFit:
-    """Fit one layer at ``bits`` from its capture; ``step_groups[g]`` lists the timestep keys of group g."""
+def fit_layer(weight: torch.Tensor, capture, step_groups: list, bits: int, cfg, seed: int,
+              rounder=None) -> LayerFit:
+    """Fit one layer at ``bits`` from its capture; ``step_groups[g]`` lists the timestep keys of group g.
+
+    ``rounder``: the layer's :class:`rounding.BlockRounder` (from its Gram matrix) for error-compensated
+    rounding; None rounds to nearest.
+    """
     w2d = weight.detach().float().reshape(weight.shape[0], -1)
-    rows = capture.rows() if cfg.weight_rounding == "gptq" and not cfg.weight_per_tensor else None
-    # H from fewer rows than K is rank-deficient: the rounding would fit those rows, not the layer.
-    if rows is not None and rows.shape[0] >= w2d.shape[1]:
-        hessian = rounding.input_gram(rows)  # every captured row, not a subsample
+    if rounder is not None:
         candidates = GPTQ_CLIP_CANDIDATES if cfg.weight_clip_search else (1.0,)
-        clip, value = search_clip_error_feedback(w2d, hessian, bits, cfg.group_size, candidates)
+        clip, value = search_clip_error_feedback(w2d, rounder, bits, cfg.group_size, candidates)
         method = "gptq"
     else:
         if cfg.weight_clip_search and not cfg.weight_per_tensor:
@@ -157,18 +147,39 @@ def fit_act_scales(capture, step_groups: list, w2d: torch.Tensor, w_quant: torch
     return torch.tensor(scales, dtype=torch.float32), err_num, err_den
 
 
-def fit_all(weights: dict, captures: dict, step_groups: list, bits_options: tuple, cfg, check_cancel=None) -> dict:
+def rounding_plan(gram, cfg) -> tuple[object, str]:
+    """(BlockRounder or None, reason for round-to-nearest or "") for a layer with Gram accumulator ``gram``."""
+    if cfg.weight_rounding != "gptq" or cfg.weight_per_tensor:
+        return None, ""
+    if gram is None or gram.rows == 0:
+        return None, "no input rows were captured for it"
+    if gram.rows < cfg.gptq_min_rows * gram.widest:
+        return None, f"{gram.rows} captured rows < {cfg.gptq_min_rows:g} x {gram.widest} inputs per Gram block"
+    return rounding.BlockRounder(gram.blocks()), ""
+
+
+def fit_all(weights: dict, captures: dict, step_groups: list, bits_options: tuple, cfg, check_cancel=None,
+            grams: dict | None = None) -> dict:
     """Fit every layer at every precision in ``bits_options``; {name: {bits: LayerFit}}.
 
     Each layer's seed derives from its name, so results do not depend on order or thread timing.
     ``check_cancel()`` runs before each layer (raising from it cancels: the remaining jobs stop at once).
+    ``grams`` (name -> GramAccumulator) drive error-compensated rounding; each is dropped from the dict
+    once its layer is fitted, so the memory they hold shrinks as the fit proceeds.
     """
+    grams = {} if grams is None else grams
+
     def job(name):
         if check_cancel is not None:
             check_cancel()
         seed = cfg.seed + _stable_hash(name)
-        return name, {bits: fit_layer(weights[name], captures[name], step_groups, bits, cfg, seed)
-                      for bits in bits_options}
+        rounder, reason = rounding_plan(grams.get(name), cfg)
+        fits = {bits: fit_layer(weights[name], captures[name], step_groups, bits, cfg, seed, rounder)
+                for bits in bits_options}
+        grams.pop(name, None)
+        for fit in fits.values():
+            fit.fallback_reason = reason
+        return name, fits
 
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         return dict(pool.map(job, sorted(weights)))

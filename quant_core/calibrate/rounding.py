@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-BLOCK = 128          # columns updated together (lazy batch updates: same result, fewer passes)
+BLOCK = 32           # columns updated together (lazy batch updates: same result, fewer passes;
+                     # 32 measured fastest on CPU: the per-column updates are elementwise)
 DAMPING = 0.01       # fraction of the mean diagonal added to H: keeps the inverse stable with few rows
 
 
@@ -45,27 +46,74 @@ class ErrorFeedbackRounder:
         self.upper = _inverse_cholesky_upper(h)
 
     def round(self, weight: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-        """Integer codes (N, K) in [qmin, qmax] for ``weight`` (N, K) on the grid ``step`` (N, K)."""
-        w = weight.float()[:, self.order].clone()
-        step = step.float()[:, self.order]
+        """Integer codes (N, K) in [qmin, qmax] for ``weight`` (N, K) on the grid ``step`` (N, K).
+
+        Works on transposed copies (K, N): a weight column is then a contiguous row, and each column's
+        update touches contiguous memory (2x faster on CPU than the row-major form, same results).
+        """
+        w = weight.float()[:, self.order].t().contiguous()
+        step = step.float()[:, self.order].t().contiguous()
         u = self.upper
         codes = torch.empty_like(w)
-        k = w.shape[1]
+        k = w.shape[0]
         for start in range(0, k, BLOCK):
             end = min(start + BLOCK, k)
-            block = w[:, start:end].clone()
+            block = w[start:end].clone()
             errors = torch.empty_like(block)
             for j in range(end - start):
                 col = start + j
-                q = torch.clamp(torch.round(block[:, j] / step[:, col]), qmin, qmax)
-                codes[:, col] = q
-                err = (block[:, j] - q * step[:, col]) / u[col, col]
-                block[:, j:] -= err.unsqueeze(1) * u[col, col:end].unsqueeze(0)
-                errors[:, j] = err
-            w[:, end:] -= errors @ u[start:end, end:]
+                q = torch.clamp(torch.round(block[j] / step[col]), qmin, qmax)
+                codes[col] = q
+                err = (block[j] - q * step[col]) / u[col, col]
+                if col + 1 < end:
+                    block[j + 1:] -= u[col, col + 1:end].unsqueeze(1) * err.unsqueeze(0)
+                errors[j] = err
+            if end < k:
+                w[end:] -= u[start:end, end:].t() @ errors
         result = torch.empty_like(codes)
-        result[:, self.order] = codes
-        return result.to(torch.int32)
+        result[self.order] = codes
+        return result.t().to(torch.int32)
+
+
+class BlockRounder:
+    """Error-compensated rounding with a block-diagonal H: each column block is rounded on its own H block.
+
+    ``blocks``: (column slice, H block) pairs covering K in order (``gram.GramAccumulator.blocks()``).
+    Errors are compensated within a block only; one block covering K is exactly :class:`ErrorFeedbackRounder`.
+    """
+
+    def __init__(self, blocks: list, act_order: bool = True) -> None:
+        if not blocks:
+            raise ValueError("no Gram blocks: the layer saw no input rows")
+        self.parts = [(cols, h, ErrorFeedbackRounder(h, act_order)) for cols, h in blocks]
+
+    def round(self, weight: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        codes = torch.empty(weight.shape, dtype=torch.int32)
+        for cols, _, rounder in self.parts:
+            codes[:, cols] = rounder.round(weight[:, cols], step[:, cols], qmin, qmax)
+        return codes
+
+    def round_candidates(self, weight: torch.Tensor, grids: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Round ``weight`` (N, K) on every grid in ``grids`` (format values of one format) at once.
+
+        Returns codes (C, N, K) int8 and each candidate's per-channel output error (C, N). The candidates
+        are stacked as rows of one rounding per Gram block, so the column loop runs once, not C times.
+        """
+        n, k = weight.shape
+        count, qmin, qmax = len(grids), grids[0].qmin, grids[0].qmax
+        codes = torch.empty(count, n, k, dtype=torch.int8)
+        errors = torch.zeros(count, n)
+        for cols, h, rounder in self.parts:
+            w = weight[:, cols].float().repeat(count, 1)
+            step = torch.cat([grid.grid_step(cols) for grid in grids])
+            q = rounder.round(w, step, qmin, qmax)
+            errors += output_error_per_channel(w - q * step, h).view(count, n)
+            codes[:, :, cols] = q.view(count, n, -1).to(torch.int8)
+        return codes, errors
+
+    def output_error(self, diff: torch.Tensor) -> torch.Tensor:
+        """Per output channel sum over blocks of ``d_b H_b d_b^T`` (the block-diagonal output error)."""
+        return sum(output_error_per_channel(diff[:, cols], h) for cols, h, _ in self.parts)
 
 
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:

@@ -102,11 +102,12 @@ class Int4Weight:
     def dequantize(self) -> torch.Tensor:
         return self.to_int8().float() * self.channel_scale.float().unsqueeze(1)
 
-    def step_multiplier(self) -> torch.Tensor:
-        return self.group_scale.float().repeat_interleave(self.group_size, dim=1)[:, :self.in_features]
+    def step_multiplier(self, cols: slice = slice(None)) -> torch.Tensor:
+        group = torch.arange(self.in_features, device=self.group_scale.device)[cols] // self.group_size
+        return self.group_scale.float()[:, group]
 
-    def grid_step(self) -> torch.Tensor:
-        return self.channel_scale.float().unsqueeze(1) * self.step_multiplier()
+    def grid_step(self, cols: slice = slice(None)) -> torch.Tensor:
+        return self.channel_scale.float().unsqueeze(1) * self.step_multiplier(cols)
 
     def _pack(self, q4: torch.Tensor, channel_scale: torch.Tensor) -> "Int4Weight":
         k_pad = self.group_scale.shape[1] * self.group_size

@@ -70,13 +70,13 @@ class Int8Weight:
     def dequantize(self) -> torch.Tensor:
         return self.codes.float() * self.channel_scale.float().unsqueeze(1)
 
-    def step_multiplier(self) -> torch.Tensor:
-        """Integer factor between a code and its int8 value, per weight (N, K): 1 for int8."""
-        return torch.ones(self.codes.shape, device=self.codes.device)
+    def step_multiplier(self, cols: slice = slice(None)) -> torch.Tensor:
+        """Integer factor between a code and its int8 value, per weight (N, K[cols]): 1 for int8."""
+        return torch.ones(self.codes[:, cols].shape, device=self.codes.device)
 
-    def grid_step(self) -> torch.Tensor:
-        """The float step of every weight (N, K): a code times this is the dequantized weight."""
-        return self.channel_scale.float().unsqueeze(1) * self.step_multiplier()
+    def grid_step(self, cols: slice = slice(None)) -> torch.Tensor:
+        """The float step of every weight (N, K[cols]): a code times this is the dequantized weight."""
+        return self.channel_scale.float().unsqueeze(1) * self.step_multiplier(cols)
 
     def with_codes(self, codes: torch.Tensor) -> "Int8Weight":
         """Same scales, other integer codes (N, K) on this grid."""
