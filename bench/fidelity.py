@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from quant_core import metrics  # noqa: E402
 from quant_core.config import preset  # noqa: E402
 from quant_core import quantize  # noqa: E402
+from quant_core.report import rounding_coverage  # noqa: E402
 
 # (name, preset, overrides, what it shows)
 VARIANTS = [
@@ -43,6 +44,14 @@ VARIANTS = [
      "ours-w4a8 with min-max weight and activation ranges"),
     ("ablate: nearest rounding", "W4A8", {"weight_rounding": "nearest"},
      "ours-w4a8 with round-to-nearest weights instead of error-compensated rounding"),
+    ("ablate: full Gram", "W4A8", {"gram_block": 4096},
+     "ours-w4a8 with each layer's full input Gram matrix (default: block-diagonal, blocks of <= 1024 inputs)"),
+    ("ablate: Gram blocks 128", "W4A8", {"gram_block": 128},
+     "ours-w4a8 with Gram blocks of <= 128 inputs (K / block up to 18, like SD1.5's largest convs at 1024)"),
+    ("ablate: all-rows Gram", "W4A8", {"gram_cost": 1e6},
+     "ours-w4a8 with every captured token in the Gram matrices (default: a subset costing ~0.5x the layer)"),
+    ("ablate: few rows -> nearest", "W4A8", {"gptq_min_rows": 1.0},
+     "ours-w4a8, layers with fewer captured rows than Gram-block inputs rounded to nearest (default: damped)"),
     ("ablate: mixed, random plan", "W4A8-mixed", {"mixed_plan": "random"},
      "ours-w4a8-mixed with the same bit budget spent on randomly chosen layers"),
 ]
@@ -216,15 +225,15 @@ def markdown(meta: dict, float_row: dict, rows: list, target_lines: list) -> str
            "All metrics against the float model's images on the same prompts and seeds; `drift` = MSE of the "
            "UNet input vs the float run, at the middle and last step; bytes: quantized layers as stored, "
            "everything else at fp16.", "", "Command:", "", f"    {meta['command']}", "",
-           "| variant | PSNR dB | SSIM | image MSE (+- std over seeds) | latent MSE | drift mid / last | calib s | weight MB | avg bits |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-           f"| float | - | - | - | - | - | - | {float_row['weight_bytes'] / 1e6:.2f} | 16 |"]
+           "| variant | PSNR dB | SSIM | image MSE (+- std over seeds) | latent MSE | drift mid / last | calib s | weight MB | avg bits | err.-comp. rounding |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+           f"| float | - | - | - | - | - | - | {float_row['weight_bytes'] / 1e6:.2f} | 16 | - |"]
     for r in rows:
         d = r["drift_per_step"]
         out.append(f"| {r['name']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['image_mse']:.3e} +- {r['image_mse_std']:.1e} | "
                    f"{r['latent_mse']:.3e} | "
                    f"{d[len(d) // 2]:.2e} / {d[-1]:.2e} | {r['calib_s']:.1f} | {r['weight_bytes'] / 1e6:.2f} | "
-                   f"{r['avg_bits']:.2f} |")
+                   f"{r['avg_bits']:.2f} | {r.get('rounding_coverage', 0):.0%} |")
     out += ["", "Targets and ablations (printed by the same run):", ""]
     out += [f"- {status}: {text}" for status, text in target_lines]
     return "\n".join(out) + "\n"
@@ -265,7 +274,7 @@ def main(argv=None) -> int:
     reference = model.sample(model.unet)
     float_row = {"name": "float", "weight_bytes": weight_bytes(model.unet), "sample_s": time.perf_counter() - start}
     header = (f"{'variant':<28}{'PSNR':>7}{'SSIM':>8}{'img MSE':>10}{'+- std':>10}{'lat MSE':>10}{'calib s':>9}"
-              f"{'MB':>7}{'bits':>6}")
+              f"{'MB':>7}{'bits':>6}{'gptq':>8}")
     print(header)
     rows = []
     for name, preset_name, overrides, note in VARIANTS:
@@ -284,11 +293,13 @@ def main(argv=None) -> int:
                 break  # this variant's calibration does not depend on the seed (e.g. min-max baselines)
         row = {"name": name, "preset": preset_name, "overrides": overrides, "note": note, "seeds": len(per_seed),
                **mean_over_seeds(per_seed), "per_seed": per_seed,
-               "weight_bytes": weight_bytes(model.unet, result), "avg_bits": result.report["average_weight_bits"]}
+               "weight_bytes": weight_bytes(model.unet, result), "avg_bits": result.report["average_weight_bits"],
+               "rounding_coverage": rounding_coverage(result.report)}
         rows.append(row)
         print(f"{name:<28}{row['psnr']:>7.2f}{row['ssim']:>8.4f}{row['image_mse']:>10.2e}"
               f"{row['image_mse_std']:>10.1e}{row['latent_mse']:>10.2e}"
-              f"{row['calib_s']:>9.1f}{row['weight_bytes'] / 1e6:>7.2f}{row['avg_bits']:>6.2f}", flush=True)
+              f"{row['calib_s']:>9.1f}{row['weight_bytes'] / 1e6:>7.2f}{row['avg_bits']:>6.2f}"
+              f"{row['rounding_coverage']:>8.0%}", flush=True)
 
     target_lines = targets({r["name"]: r for r in rows})
     for status, text in target_lines:

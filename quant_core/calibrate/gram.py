@@ -58,6 +58,7 @@ class GramAccumulator:
         self.pending: list[torch.Tensor] = []        # rows not yet added to the sums
         self.pending_rows = 0
         self.rows = 0
+        self.normalized = False  # blocks() turned the sums into means (no rows may be added after)
 
     @property
     def widest(self) -> int:
@@ -65,6 +66,8 @@ class GramAccumulator:
 
     def add(self, rows: torch.Tensor) -> None:
         """Add rows (n, K) of any float dtype; accumulates in float32 once ``FLUSH_ROWS`` are pending."""
+        if self.normalized:
+            raise RuntimeError("rows added after blocks() was read")
         x = rows.float()
         self.rows += x.shape[0]
         self.pending_rows += x.shape[0]
@@ -90,7 +93,11 @@ class GramAccumulator:
         self.flush()
         if self.sums is None or self.rows == 0:
             return []
-        return [(slice(s, e), (acc / self.rows).cpu()) for (s, e), acc in zip(self.bounds, self.sums)]
+        if not self.normalized:  # sums -> means in place: no second copy of the largest tensors we hold
+            for acc in self.sums:
+                acc.div_(self.rows)
+            self.normalized = True
+        return [(slice(s, e), acc.cpu()) for (s, e), acc in zip(self.bounds, self.sums)]
 
     def nbytes(self) -> int:
         return sum((e - s) ** 2 * 4 for s, e in self.bounds)
