@@ -193,6 +193,22 @@ def calibrate_one(unet, runner, name: str, device, is_main: bool) -> tuple[dict,
     return record, result
 
 
+def write_json(path: Path, args, argv, info, plain: float, records: dict) -> None:
+    """The JSON of the run so far (rewritten after each preset, atomically: a long run keeps what it measured)."""
+    main_record = records[args.preset]
+    out = {"arch": args.arch, "res": args.res, "prompts": args.prompts, "steps": args.steps, "preset": args.preset,
+           "checkpoint": args.checkpoint or None, "device": args.device, "machine": info,
+           "command": "python bench/calibrate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "rounding_coverage": main_record["rounding_coverage"], "phase_seconds": main_record["phase_seconds"],
+           "plain_sampling_seconds": round(plain, 1), "sampling_passes": main_record["sampling_passes"],
+           "peak_host_mb": main_record["peak_host_mb"],
+           "unet_rel_error": {n: r["unet_rel_error_mean"] for n, r in records.items()}, "presets": records}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=("sd15", "sdxl", "tiny"), default="sd15")
@@ -201,6 +217,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--preset", default="W4A8")
     parser.add_argument("--baselines", action="store_true", help="also the naive and qdiff baselines at the same bits")
+    parser.add_argument("--baseline-presets", default="",
+                        help="comma-separated baselines instead of --baselines' set (e.g. qdiff-W4A8)")
     parser.add_argument("--checkpoint", default="", help="a diffusers folder whose unet/ to load instead of random weights")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -228,7 +246,10 @@ def main(argv=None) -> int:
     print(f"plain sampling: {plain:.1f} s ({plain / runner.total_unet_calls:.2f} s per UNet call)", flush=True)
 
     bits = "W4A8" if "4" in args.preset else "W8A8"
-    names = [args.preset] + ([f"naive-{bits}"] + (["qdiff-W4A8"] if bits == "W4A8" else []) if args.baselines else [])
+    baselines = ([f"naive-{bits}"] + (["qdiff-W4A8"] if bits == "W4A8" else []) if args.baselines else [])
+    if args.baseline_presets:
+        baselines = [b.strip() for b in args.baseline_presets.split(",") if b.strip()]
+    names = [args.preset] + baselines
     records = {}
     for name in names:
         record, result = calibrate_one(unet, runner, name, device, name == args.preset)
@@ -244,19 +265,7 @@ def main(argv=None) -> int:
         record["unet_rel_error_per_step"] = list(fidelity["unet_rel_error_per_step"].values())
         record["evaluation_seconds"] = round(time.perf_counter() - start, 1)
         records[name] = record
-
-    main_record = records[args.preset]
-    out = {"arch": args.arch, "res": args.res, "prompts": args.prompts, "steps": args.steps, "preset": args.preset,
-           "checkpoint": args.checkpoint or None, "device": args.device, "machine": info,
-           "command": "python bench/calibrate.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "rounding_coverage": main_record["rounding_coverage"], "phase_seconds": main_record["phase_seconds"],
-           "plain_sampling_seconds": round(plain, 1), "sampling_passes": main_record["sampling_passes"],
-           "peak_host_mb": main_record["peak_host_mb"],
-           "unet_rel_error": {n: r["unet_rel_error_mean"] for n, r in records.items()}, "presets": records}
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, json_path)
+        write_json(json_path, args, argv, info, plain, records)
 
     print("\n| preset | total s | capture s | fit s | consistency s | passes | capture/plain | peak host MB | "
           "coverage | UNet rel. error |")
@@ -267,6 +276,7 @@ def main(argv=None) -> int:
               f"{p.get('consistency', '-')} | {r['sampling_passes']} | {p.get('capture', 0) / plain:.2f} | "
               f"{r['peak_host_mb']} | {r['rounding_coverage']:.2%} | {r['unet_rel_error_mean']:.4f} |")
     print(f"plain sampling {plain:.1f} s; JSON: {json_path}")
+    main_record = records[args.preset]
     limit_gb = 8 if args.arch == "sd15" else 20
     checks = [("rounding coverage >= 95%", main_record["rounding_coverage"] >= 0.95),
               ("capture <= 2x plain sampling", main_record["phase_seconds"].get("capture", 0) <= 2 * plain),
