@@ -16,8 +16,8 @@ from contextlib import closing
 import torch
 
 from quant_core import load as load_result
+from quant_core import quantize
 from quant_core import save as save_result
-from quant_core.calibrate.pipeline import quantize
 
 from . import common
 from .a1111_lora import A1111_LAYER_KINDS, copy_network_name, wanted_networks
@@ -52,10 +52,11 @@ def restore_lora_weights(unet) -> None:
     networks = sys.modules.get("networks")
     if networks is None:
         return
-    for module in unet.modules():
-        if getattr(module, "network_current_names", ()) != ():
-            networks.network_restore_weights_from_backup(module)
-            module.network_current_names = ()
+    with torch.no_grad():  # that extension restores in place (copy_ into the parameters), as in its forward
+        for module in unet.modules():
+            if getattr(module, "network_current_names", ()) != ():
+                networks.network_restore_weights_from_backup(module)
+                module.network_current_names = ()
 
 
 def calibration_for(path: str, unet):
@@ -107,22 +108,37 @@ def refuse_unsupported(p) -> None:
 
 
 def activate(p, choice) -> str | None:
-    """Swap the chosen file's quantized layers into ``p.sd_model``'s UNet for this job; -> the file name."""
+    """Swap the chosen file's quantized layers into ``p.sd_model``'s UNet for this job; -> the file name.
+
+    A choice that cannot run (unknown or damaged file, another checkpoint's file, unsupported settings) makes the
+    job fail with the message at its first UNet call (``common.Refusal``) instead of sampling the float model."""
     global _active
     deactivate()
     if common.is_none(choice):
         return None
-    refuse_unsupported(p)
-    path = common.resolve_file(folder(), choice)
     unet = unet_of(p.sd_model)
-    with _lock:
-        restore_lora_weights(unet)
-        calibration, adapter = calibration_for(path, unet)
-        runtime = runtime_for(calibration, unet, adapter)
-        _active = common.LayerSwap(unet, runtime, adapter.timesteps_from_call, before_swap=copy_network_name,
-                                   on_call=lora_watch(runtime))
+    try:
+        refuse_unsupported(p)
+        path = common.resolve_file(folder(), choice)
+        with _lock:
+            restore_lora_weights(unet)
+            calibration, adapter = calibration_for(path, unet)
+            runtime = runtime_for(calibration, unet, adapter)
+            _active = common.LayerSwap(unet, runtime, adapter.timesteps_from_call, before_swap=copy_network_name,
+                                       on_call=lora_watch(runtime))
+    except Exception as exc:
+        refuse(unet, exc)
+        return None
     p.extra_generation_params[common.INFOTEXT_KEY] = str(choice)
     return str(choice)
+
+
+def refuse(unet, exc: Exception) -> None:
+    """Make this job fail with ``exc`` at its first UNet call (see ``common.Refusal``); logs it once now."""
+    global _active
+    deactivate()
+    print(f"FidelityQuant: job refused: {type(exc).__name__}: {exc}", file=sys.stderr)
+    _active = common.Refusal(unet, exc)
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -134,7 +150,8 @@ class CalibrationInterrupted(RuntimeError):
 def check_interrupt() -> None:
     from modules import shared
 
-    if shared.state.interrupted or shared.state.stopping_generation:
+    state = shared.state
+    if state.interrupted or getattr(state, "stopping_generation", False):
         raise CalibrationInterrupted("FidelityQuant: calibration interrupted; nothing was written and the "
                                      "model is unchanged")
 
@@ -183,29 +200,33 @@ def calibrate_unet(sd_model, holder, prompts: str, negative: str = "", steps: in
                    sampler_name: str = "Euler", width: int = 512, height: int = 512, seed: int = 0,
                    preset: str = "W8A8", timestep_groups: int = 4, bits_budget: float = 4.5,
                    consistency_pass: bool = True, memory_limit_mb: int = 256,
-                   filename: str = "fidelityquant") -> tuple[str, str]:
-    """Calibrate ``holder.diffusion_model`` (the UNet ``sd_model`` samples with) on the host's sampler."""
+                   filename: str = "fidelityquant", quantize_fn=None) -> tuple[str, str]:
+    """Calibrate ``holder.diffusion_model`` (the UNet ``sd_model`` samples with) on the host's sampler.
+
+    ``quantize_fn``: default ``quant_core.quantize`` (checks the config, a uniform weight dtype and finite
+    weights first); Forge passes its own, because its layers cast weights per call."""
     from modules import shared
 
-    lines = common.prompt_lines(prompts)
+    lines, steps, width, height, seed = common.check_calibration_inputs(prompts, negative, steps, cfg, width,
+                                                                        height, seed)
     config = common.make_config(preset, timestep_groups, bits_budget, consistency_pass, memory_limit_mb)
     out = common.output_path(folder(), filename)
     deactivate()
     unet = holder.diffusion_model
     restore_lora_weights(unet)
     runner = A1111Runner(sd_model, lines, negative, steps, cfg, sampler_name, width, height, seed, holder)
-    runs = 1 + int(config.consistency_pass) + int(config.evaluate)
     shared.state.begin(job="FidelityQuant calibration")
-    shared.state.job_count = runs * len(lines)
+    shared.state.job_count = 2 * len(lines)  # at least capture + consistency; corrected by the first progress call
     shared.state.textinfo = "FidelityQuant: calibrating"
 
     def progress(done, total):
+        shared.state.job_count = max(1, -(-int(total) // max(1, steps)))  # one job per prompt per sampling pass
         shared.state.textinfo = f"FidelityQuant: {done}/{total} UNet calls"
         check_interrupt()
 
     try:
         with torch.no_grad():
-            calibration = quantize(unet, runner, config, progress=progress)
+            calibration = (quantize_fn or quantize)(unet, runner, config, progress=progress)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         save_result(calibration, out)
     finally:

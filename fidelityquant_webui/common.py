@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from quant_core.config import PRESETS, preset
+from quant_core.validate import MAX_PROMPT_CHARS, check_sampling, clean_prompts
 
 NONE = "None"
 FOLDER_NAME = "fidelity_quant"          # models/fidelity_quant, the same folder name as in ComfyUI
@@ -70,10 +71,36 @@ def output_path(folder: str, filename: str) -> str:
 
 
 def prompt_lines(prompts: str) -> list[str]:
-    lines = [line.strip() for line in str(prompts or "").splitlines() if line.strip()]
-    if not lines:
-        raise ValueError("FidelityQuant: give at least one calibration prompt (one per line)")
-    return lines
+    try:
+        return clean_prompts(str(prompts or ""))
+    except ValueError as exc:
+        raise ValueError(f"FidelityQuant: {exc}") from None
+
+
+def whole_number(name: str, value) -> int:
+    """``value`` as an int when it is a whole number (the UI's sliders and JSON may give 20.0); else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or int(value) != value:
+        raise ValueError(f"FidelityQuant: {name} {value!r} must be a whole number")
+    return int(value)
+
+
+def check_calibration_inputs(prompts, negative, steps, cfg, width, height, seed) -> tuple:
+    """The sampling inputs of a calibration, checked before any work starts (the API takes any JSON);
+    -> (prompt lines, steps, width, height, seed) with the numbers as ints."""
+    lines = prompt_lines(prompts)
+    if not isinstance(negative, str) or len(negative) > MAX_PROMPT_CHARS:
+        raise ValueError(f"FidelityQuant: the negative prompt must be text of at most {MAX_PROMPT_CHARS} characters")
+    steps, width, height, seed = (whole_number(n, v) for n, v in
+                                  (("steps", steps), ("width", width), ("height", height), ("seed", seed)))
+    try:
+        check_sampling(steps, width, height)
+    except ValueError as exc:
+        raise ValueError(f"FidelityQuant: {exc}") from None
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= 100:
+        raise ValueError(f"FidelityQuant: cfg {cfg!r} must be a number from 0 to 100")
+    if not 0 <= seed <= 0xFFFFFFFF:
+        raise ValueError(f"FidelityQuant: seed {seed} must be from 0 to {0xFFFFFFFF} (prompt i uses seed + i)")
+    return lines, steps, width, height, seed
 
 
 def make_config(preset_name: str, timestep_groups: int = 4, bits_budget: float = 4.5, consistency_pass: bool = True,
@@ -81,8 +108,9 @@ def make_config(preset_name: str, timestep_groups: int = 4, bits_budget: float =
     """The engine config for the tab's settings (bits_budget only matters for W4A8-mixed)."""
     if preset_name not in UI_PRESETS or preset_name not in PRESETS:
         raise ValueError(f"FidelityQuant: unknown preset {preset_name!r}; choose one of {', '.join(UI_PRESETS)}")
-    options = {"timestep_groups": int(timestep_groups), "consistency_pass": bool(consistency_pass),
-               "memory_limit_mb": int(memory_limit_mb)}
+    options = {"timestep_groups": whole_number("timestep_groups", timestep_groups),
+               "consistency_pass": bool(consistency_pass),
+               "memory_limit_mb": whole_number("memory_limit_mb", memory_limit_mb)}
     if preset_name == "W4A8-mixed":
         options["bits_budget"] = float(bits_budget)
     return preset(preset_name, **options)
@@ -139,3 +167,29 @@ class LayerSwap:
         for parent, child, original in self.originals.values():
             parent._modules[child] = original
         self.originals = {}
+
+
+class Refusal:
+    """A job refused by the glue: ``error`` is raised at the UNet's first call, so the job fails with that message.
+
+    A1111 and Forge catch and only log exceptions from a script's ``process`` / ``process_before_every_sampling``
+    (the job would silently run the float model); an exception from the UNet's forward ends the job and reaches
+    the UI and the API's error response. ``restore`` removes the hook (the next job's ``before_process`` does).
+    """
+
+    def __init__(self, unet, error: BaseException) -> None:
+        self.error = error
+
+        def refuse(_module, _args, _kwargs):
+            raise self.error
+
+        self.handles = [unet.register_forward_pre_hook(refuse, with_kwargs=True)]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.handles)
+
+    def restore(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []

@@ -40,7 +40,9 @@ def ui(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def float_image(ui):
+    t0 = time.time()
     image, png, info = ui.txt2img(PROMPT)
+    print(f"\nfloat txt2img (incl. model load) {time.time() - t0:.0f} s")
     assert "FidelityQuant" not in info
     return image, png
 
@@ -62,7 +64,9 @@ def calibrated(ui, float_image):
 
 
 def test_none_is_the_float_model(ui, float_image):
+    t0 = time.time()
     image, png, info = ui.txt2img(PROMPT, quant_file="None")
+    print(f"\nfloat txt2img {time.time() - t0:.0f} s")
     assert png == float_image[1], "choosing None changed the float image"
     assert "FidelityQuant" not in info
 
@@ -91,11 +95,14 @@ def test_other_checkpoint_file_refused(ui, float_image, calibrated):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from quant_core.integrity import digest_of
+
     source = ui.quant_dir / calibrated
     with safe_open(str(source), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         metadata = dict(f.metadata())
     metadata["fingerprint"] = json.dumps({"fp16": "0" * 32, "bf16": "1" * 32})  # made for some other weights
+    metadata["digest"] = digest_of({k: v for k, v in metadata.items() if k != "digest"}, tensors)  # intact
     save_file(tensors, str(ui.quant_dir / "other-model.safetensors"), metadata=metadata)
     with pytest.raises(HttpError) as info:
         ui.txt2img(PROMPT, quant_file="other-model.safetensors")
@@ -112,8 +119,11 @@ def test_unknown_file_refused(ui):
 
 def test_lora_on_quantized(ui, float_image, calibrated):
     lora_prompt = f"{PROMPT} <lora:{LORA}:1>"
+    t0 = time.time()
     float_lora, _, _ = ui.txt2img(lora_prompt)
+    t1 = time.time()
     quant_lora, _, info = ui.txt2img(lora_prompt, quant_file=calibrated)
+    print(f"\nfloat + LoRA txt2img {t1 - t0:.0f} s; quantized + LoRA {time.time() - t1:.0f} s")
     quant = IMAGES["quant"][0] if "quant" in IMAGES else ui.txt2img(PROMPT, quant_file=calibrated)[0]
     lora_effect = psnr(float_lora, float_image[0])
     close = psnr(quant_lora, float_lora)
@@ -121,9 +131,13 @@ def test_lora_on_quantized(ui, float_image, calibrated):
     print(f"\nLoRA effect on float {lora_effect:.2f} dB; quantized+LoRA vs float+LoRA {close:.2f} dB "
           f"(quantized vs float without LoRA {gap:.2f} dB)")
     assert lora_effect < 40, "the LoRA barely changes the float image: the test cannot see it"
+    assert close < float("inf"), "quantized+LoRA is identical to float+LoRA: the quantized layers did not run"
     assert psnr(quant_lora, quant) < gap, "the LoRA had no visible effect on the quantized UNet"
     assert close > lora_effect + 3, "quantized+LoRA is not closer to float+LoRA than the LoRA's own effect"
     assert close > gap - 3, f"quantized+LoRA {close:.2f} dB much further from float+LoRA than without LoRA"
+    assert f"FidelityQuant: {calibrated}" in info
+    again, _, _ = ui.txt2img(PROMPT, quant_file=calibrated)
+    assert psnr(again, quant) == float("inf"), "the quantized image changed after a LoRA job (restore not exact)"
     _, png, _ = ui.txt2img(PROMPT, quant_file="None")
     assert png == float_image[1], "float image changed after LoRA jobs"
 
@@ -151,5 +165,6 @@ def test_interrupt_during_calibration_leaves_model(ui, float_image, calibrated):
     assert "error" in outcome, f"calibration was not interrupted: {outcome}"
     assert "interrupted" in outcome["error"].body
     assert not (ui.quant_dir / "interrupted.safetensors").exists()
+    assert not [n for n in os.listdir(ui.quant_dir) if n.startswith(".") or "interrupted" in n], "a file was written"
     _, png, _ = ui.txt2img(PROMPT, quant_file="None")
     assert png == float_image[1], "float image changed after an interrupted calibration"

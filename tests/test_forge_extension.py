@@ -4,12 +4,13 @@
 
 Same set-up as tests/test_a1111_extension.py (tests/webui_server.py). Covered on Forge: calibration through
 the API route, the load path (quantized close to float, "None" bit-identical, infotext), a file for another
-checkpoint refused, and LoRA with a quantized file refused with its message (not supported on Forge yet).
+checkpoint refused, and ``<lora:...>`` on the quantized UNet (effective, close to float+LoRA, exact restore).
 Skips with the reason without FORGE_PATH / FORGE_PYTHON or the test checkpoint.
 """
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -36,25 +37,35 @@ def ui(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def float_image(ui):
+    t0 = time.time()
     image, png, info = ui.txt2img(PROMPT)
+    print(f"\nfloat txt2img (incl. model load) {time.time() - t0:.0f} s")
     return image, png
+
+
+IMAGES: dict = {}
 
 
 @pytest.fixture(scope="module")
 def calibrated(ui, float_image):
+    t0 = time.time()
     try:
         result = ui.request("/fidelityquant/calibrate", CALIBRATION)
     except HttpError as exc:
         pytest.fail(f"calibration failed: {exc}\n{ui.log_tail()}")
-    print(f"\n{result['report']}")
+    print(f"\ncalibration: {time.time() - t0:.0f} s\n{result['report']}")
     assert (ui.quant_dir / result["file"]).is_file()
     return result["file"]
 
 
 def test_quantized_close_to_float_and_none_identical(ui, float_image, calibrated):
+    t0 = time.time()
     _, png, _ = ui.txt2img(PROMPT, quant_file="None")
+    print(f"\nfloat txt2img {time.time() - t0:.0f} s")
     assert png == float_image[1], "choosing None changed the float image"
-    quant, _, info = ui.txt2img(PROMPT, quant_file=calibrated)
+    t0 = time.time()
+    quant, _, info = IMAGES["quant"] = ui.txt2img(PROMPT, quant_file=calibrated)
+    print(f"quantized txt2img {time.time() - t0:.0f} s")
     other, _, _ = ui.txt2img("a bowl of ramen, top view", seed=99)
     close, unrelated = psnr(quant, float_image[0]), psnr(other, float_image[0])
     print(f"\nForge: quantized vs float {close:.2f} dB; unrelated image vs float {unrelated:.2f} dB")
@@ -64,20 +75,44 @@ def test_quantized_close_to_float_and_none_identical(ui, float_image, calibrated
     assert png == float_image[1], "float image changed after a quantized job"
 
 
-def test_other_checkpoint_file_and_lora_refused(ui, float_image, calibrated):
+def test_other_checkpoint_file_refused(ui, float_image, calibrated):
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from quant_core.integrity import digest_of
 
     with safe_open(str(ui.quant_dir / calibrated), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         metadata = dict(f.metadata())
-    metadata["fingerprint"] = json.dumps({"fp16": "0" * 32, "bf16": "1" * 32})
+    metadata["fingerprint"] = json.dumps({"fp16": "0" * 32, "bf16": "1" * 32})  # made for some other weights
+    metadata["digest"] = digest_of({k: v for k, v in metadata.items() if k != "digest"}, tensors)  # intact
     save_file(tensors, str(ui.quant_dir / "other-model.safetensors"), metadata=metadata)
     with pytest.raises(HttpError) as info:
         ui.txt2img(PROMPT, quant_file="other-model.safetensors")
     assert "calibrated on a different checkpoint" in info.value.body
-    with pytest.raises(HttpError) as info:
-        ui.txt2img(f"{PROMPT} <lora:{LORA}:1>", quant_file=calibrated)
-    assert "LoRA on a quantized UNet is not supported in Forge yet" in info.value.body
     _, png, _ = ui.txt2img(PROMPT, quant_file="None")
     assert png == float_image[1]
+
+
+def test_lora_on_quantized(ui, float_image, calibrated):
+    lora_prompt = f"{PROMPT} <lora:{LORA}:1>"
+    float_lora, _, _ = ui.txt2img(lora_prompt)
+    t0 = time.time()
+    quant_lora, _, info = ui.txt2img(lora_prompt, quant_file=calibrated)
+    print(f"\nquantized + LoRA txt2img {time.time() - t0:.0f} s")
+    quant = IMAGES["quant"][0] if "quant" in IMAGES else ui.txt2img(PROMPT, quant_file=calibrated)[0]
+    lora_effect = psnr(float_lora, float_image[0])
+    close = psnr(quant_lora, float_lora)
+    gap = psnr(quant, float_image[0])
+    print(f"Forge: LoRA effect on float {lora_effect:.2f} dB; quantized+LoRA vs float+LoRA {close:.2f} dB "
+          f"(quantized vs float without LoRA {gap:.2f} dB)")
+    assert f"FidelityQuant: {calibrated}" in info
+    assert lora_effect < 40, "the LoRA barely changes the float image: the test cannot see it"
+    assert close < float("inf"), "quantized+LoRA is identical to float+LoRA: the quantized layers did not run"
+    assert psnr(quant_lora, quant) < gap, "the LoRA had no visible effect on the quantized UNet"
+    assert close > lora_effect + 3, "quantized+LoRA is not closer to float+LoRA than the LoRA's own effect"
+    assert close > gap - 3, f"quantized+LoRA {close:.2f} dB much further from float+LoRA than without LoRA"
+    again, _, _ = ui.txt2img(PROMPT, quant_file=calibrated)
+    assert psnr(again, quant) == float("inf"), "the quantized image changed after a LoRA job (restore not exact)"
+    _, png, _ = ui.txt2img(PROMPT, quant_file="None")
+    assert png == float_image[1], "float image changed after LoRA jobs"

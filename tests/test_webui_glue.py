@@ -123,7 +123,81 @@ def test_settings_checks():
     assert common.make_config("W8A8", bits_budget=5.0).bits_budget == preset("W8A8").bits_budget
     with pytest.raises(ValueError, match="unknown preset 'naive-W8A8'"):
         common.make_config("naive-W8A8")
-    with pytest.raises(ValueError, match="at least one calibration prompt"):
+    with pytest.raises(ValueError, match="at least one non-blank prompt"):
         common.prompt_lines(" \n\n ")
     assert common.prompt_lines(" a \n\nb\n") == ["a", "b"]
     assert len(common.prompt_lines(common.default_prompts())) == 34
+
+
+def test_calibration_inputs_checked():
+    lines, steps, width, height, seed = common.check_calibration_inputs("a\n\nb", "", 20.0, 7, 512, 256.0, 3)
+    assert (lines, steps, width, height, seed) == (["a", "b"], 20, 512, 256, 3)
+    assert all(type(v) is int for v in (steps, width, height, seed))
+    bad = [(("", "", 4, 7, 256, 256, 0), "non-blank prompt"), (("a", None, 4, 7, 256, 256, 0), "negative prompt"),
+           (("a", "", 2.5, 7, 256, 256, 0), "steps 2.5 must be a whole number"),
+           (("a", "", 0, 7, 256, 256, 0), "steps 0"), (("a", "", 4, 7, 250, 256, 0), "not a multiple of 8"),
+           (("a", "", 4, 7, 256, 32, 0), "outside 64..4096"), (("a", "", 4, "7", 256, 256, 0), "cfg '7'"),
+           (("a", "", 4, 7, 256, 256, -1), "seed -1"), (("a", "", True, 7, 256, 256, 0), "steps True")]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            common.check_calibration_inputs(*args)
+    with pytest.raises(ValueError, match="timestep_groups 2.5"):
+        common.make_config("W8A8", timestep_groups=2.5)
+
+
+def _fake_merge(patches, weight, key):
+    """Stands in for Forge's merge_lora_to_weight: each patch is [strength, delta, strength_model, None, None]."""
+    out = weight.clone()
+    for strength, delta, strength_model, _offset, _function in patches:
+        out = out * strength_model + strength * delta.reshape(out.shape)
+    return out
+
+
+def test_forge_lora_set_merges_and_restores_exactly(calibrated):
+    from fidelityquant_webui.forge_lora import FORGE_LAYER_KINDS, PREFIX, ForgePatchable, apply_lora_set
+
+    unet, calibration = calibrated
+    t = torch.tensor(calibration.step_groups[0][0])
+    adapter = calibration.check_compatible(unet)
+    runtime = calibration.runtime(adapter.timesteps_from_call, kinds=FORGE_LAYER_KINDS)
+    layers = {n: m for n, m in runtime.layers.items() if isinstance(m, ForgePatchable)}
+    assert layers, "no layer took the Forge LoRA kinds"
+    name = next(n for n in layers if "attn1.to_q" in n)
+    layer = layers[name]
+    codes, scale, bias = layer.weight.clone(), layer.weight_scale.clone(), layer.bias
+    float_layer = unet.get_submodule(name)
+    delta = 0.3 * float_layer.weight.detach().norm() / float_layer.weight.numel() ** 0.5 * torch.randn(
+        float_layer.weight.shape, generator=torch.Generator().manual_seed(3))
+    lora = {("fq-tiny-lora.safetensors", 1.0, 1.0, False): {f"{PREFIX}{name}.weight": [[1.0, delta, 1.0, None, None]]}}
+    swap = common.LayerSwap(unet, runtime, adapter.timesteps_from_call)
+    try:
+        plain = call(unet, t)
+        assert apply_lora_set(runtime, lora, _fake_merge)
+        assert not apply_lora_set(runtime, dict(lora), _fake_merge), "the same set merged twice"
+        merged_weight = layer.weight_value(layer.weight, layer.weight_scale).dequantize().view(layer.weight_shape)
+        expected = layer.float_weight(codes) + delta
+        assert (merged_weight - expected).abs().max() <= 0.51 * layer.weight_scale.max(), "merge off by > 1/2 step"
+        with_lora = call(unet, t)
+        assert not torch.equal(with_lora, plain)
+        assert apply_lora_set(runtime, {}, _fake_merge)
+        assert torch.equal(layer.weight, codes) and torch.equal(layer.weight_scale, scale) and layer.bias is bias
+        assert torch.equal(call(unet, t), plain), "removing the LoRA did not restore the quantized output exactly"
+        online = {("x", 1.0, 1.0, True): {f"{PREFIX}{name}.weight": [[1.0, delta, 1.0, None, None]]}}
+        with pytest.raises(ValueError, match="online LoRA"):
+            apply_lora_set(runtime, online, _fake_merge)
+    finally:
+        swap.restore()
+
+
+def test_refusal_fails_the_first_unet_call_and_is_removed(calibrated):
+    unet, calibration = calibrated
+    t = torch.tensor(calibration.step_groups[0][0])
+    float_out = call(unet, t)
+    refusal = common.Refusal(unet, ValueError("FidelityQuant: this FidelityQuant file was calibrated on a different "
+                                              "checkpoint"))
+    assert refusal.active
+    with pytest.raises(ValueError, match="different checkpoint"):
+        call(unet, t)
+    refusal.restore()
+    assert not refusal.active and not unet._forward_pre_hooks
+    assert torch.equal(call(unet, t), float_out)
