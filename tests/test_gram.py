@@ -144,3 +144,23 @@ def test_cancel_during_a_later_gram_pass_leaves_the_model_untouched(sd1):
         quantize(unet, runner, preset("W4A8", workers=1, gram_memory_mb=1), progress=progress)
     assert weights_digest(unet) == digest
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in unet.modules())
+
+
+def test_cancel_during_the_consistency_pass_with_its_evaluation_leaves_the_model_untouched(sd1):
+    """The evaluation rides along in the consistency pass (float calls beside quantized ones): a cancel there
+    leaves no hook on the float model or its modules, and its weights unchanged."""
+    unet, runner = sd1
+    digest = weights_digest(unet)
+    calls = runner.total_unet_calls
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(done, total):
+        if done == calls + 2:  # inside the consistency pass (one capture pass: 3 calls)
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        quantize(unet, runner, preset("W8A8", workers=1), progress=progress)
+    assert weights_digest(unet) == digest
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in unet.modules())
