@@ -169,24 +169,28 @@ class A1111Runner:
         self.total_unet_calls = len(prompts) * self.steps  # cond + uncond in one call per step (1st-order samplers)
 
     def __call__(self, unet):
-        from modules import processing
-
         wrapper = self.holder
         original = wrapper.diffusion_model
         if unet is not original:
             wrapper.diffusion_model = unet
         try:
-            for index, prompt in enumerate(self.prompts):
-                check_interrupt()
-                p = processing.StableDiffusionProcessingTxt2Img(
-                    sd_model=self.sd_model, prompt=prompt, negative_prompt=self.negative, seed=self.seed + index,
-                    steps=self.steps, cfg_scale=self.cfg, sampler_name=self.sampler_name, width=self.width,
-                    height=self.height, do_not_save_samples=True, do_not_save_grid=True)
-                with closing(p):
-                    processing.process_images(p)
-                check_interrupt()
+            with common.unet_outside_inference_mode(unet):
+                self.sample_prompts()
         finally:
             wrapper.diffusion_model = original
+
+    def sample_prompts(self) -> None:
+        from modules import processing
+
+        for index, prompt in enumerate(self.prompts):
+            check_interrupt()
+            p = processing.StableDiffusionProcessingTxt2Img(
+                sd_model=self.sd_model, prompt=prompt, negative_prompt=self.negative, seed=self.seed + index,
+                steps=self.steps, cfg_scale=self.cfg, sampler_name=self.sampler_name, width=self.width,
+                height=self.height, do_not_save_samples=True, do_not_save_grid=True)
+            with closing(p):
+                processing.process_images(p)
+            check_interrupt()
 
 
 def calibrate(prompts: str, *args, **kwargs) -> tuple[str, str]:

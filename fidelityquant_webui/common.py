@@ -8,9 +8,12 @@ very same float modules back, so "None" afterwards runs exactly the float model.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
+
+import torch
 
 from quant_core.config import PRESETS, preset
 from quant_core.validate import MAX_PROMPT_CHARS, check_sampling, clean_prompts
@@ -193,3 +196,30 @@ class Refusal:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+@contextlib.contextmanager
+def unet_outside_inference_mode(unet):
+    """While active, ``unet``'s forward runs outside ``torch.inference_mode()`` (still without autograd).
+
+    Forge samples under ``torch.inference_mode()``; tensors made there are inference tensors, which the
+    calibration's hooks (state built during sampling, updated in place afterwards) cannot use. The forward is
+    wrapped on the instance and the previous instance attribute (e.g. ControlNet's) is put back afterwards."""
+    previous = unet.__dict__.get("forward", _MISSING)
+    inner = unet.forward
+
+    def forward(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return inner(*args, **kwargs)
+
+    unet.forward = forward
+    try:
+        yield unet
+    finally:
+        if previous is _MISSING:
+            unet.__dict__.pop("forward", None)
+        else:
+            unet.forward = previous
+
+
+_MISSING = object()

@@ -4,6 +4,8 @@ A1111 and Forge load every ``scripts/*.py`` of an extension with the extension f
 the glue package (``fidelityquant_webui``) and ``quant_core`` import from here. All host work is in
 ``fidelityquant_webui/a1111.py`` / ``forge.py``; this file only declares the UI and routes.
 """
+import traceback
+
 import gradio as gr
 
 from modules import script_callbacks, scripts, shared
@@ -73,6 +75,8 @@ def run_calibration(prompts, negative, steps, cfg, sampler_name, width, height, 
             name, report = glue.calibrate(prompts, negative, steps, cfg, sampler_name, width, height, seed, preset,
                                           timestep_groups, bits_budget, consistency_pass, memory_limit_mb, filename)
     except Exception as exc:  # shown in the report box
+        if not isinstance(exc, ValueError) and "interrupted" not in str(exc):
+            traceback.print_exc()
         return f"FidelityQuant: calibration failed: {exc}"
     return f"saved {name}\n\n{report}"
 
@@ -135,6 +139,8 @@ def on_app_started(_demo, app):
         except TypeError as exc:  # unknown or missing fields
             raise HTTPException(status_code=422, detail=f"FidelityQuant: {exc}") from exc
         except (ValueError, RuntimeError, FileExistsError) as exc:
+            if not isinstance(exc, ValueError) and "interrupted" not in str(exc):
+                traceback.print_exc()  # an unexpected failure: the console gets the whole trace
             raise HTTPException(status_code=400, detail=str(exc)) from exc
         return {"file": name, "report": report}
 

@@ -201,3 +201,27 @@ def test_refusal_fails_the_first_unet_call_and_is_removed(calibrated):
     refusal.restore()
     assert not refusal.active and not unet._forward_pre_hooks
     assert torch.equal(call(unet, t), float_out)
+
+
+def test_calibration_inside_inference_mode_through_the_forward_wrapper(calibrated):
+    """Forge samples under torch.inference_mode(); with the UNet's forward run outside it, calibration works and
+    gives the same result as without inference mode. The instance attribute is put back afterwards."""
+    unet, calibration = calibrated
+
+    class InferenceModeRunner(LoopRunner):
+        def __call__(self, model):
+            with common.unet_outside_inference_mode(model), torch.inference_mode():
+                return super().__call__(model)
+
+    config = preset("W8A8", timestep_groups=2, consistency_pass=False, evaluate=False, workers=1)
+    marker = unet.forward
+    unet.forward = marker  # an instance attribute, as ControlNet sets one
+    try:
+        result = quantize(unet, InferenceModeRunner(unet, prompts=1, steps=3), config)
+        assert unet.__dict__["forward"] is marker
+    finally:
+        del unet.__dict__["forward"]
+    assert "forward" not in unet.__dict__
+    assert result.summary().splitlines()[1:3] == calibration.summary().splitlines()[1:3]
+    layer = next(iter(calibration.layers))
+    assert torch.equal(result.layers[layer].tensors["weight"], calibration.layers[layer].tensors["weight"])
