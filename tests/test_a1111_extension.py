@@ -142,6 +142,20 @@ def test_lora_on_quantized(ui, float_image, calibrated):
     assert png == float_image[1], "float image changed after LoRA jobs"
 
 
+def test_batch_count_with_quantized_file(ui, float_image, calibrated):
+    """Two batches (n_iter 2) with the file: both record it, and the first is the single job's quantized image."""
+    quant = IMAGES["quant"][0] if "quant" in IMAGES else ui.txt2img(PROMPT, quant_file=calibrated)[0]
+    t0 = time.time()
+    results = ui.txt2img_all(PROMPT, quant_file=calibrated, n_iter=2)
+    print(f"\nn_iter 2 quantized txt2img {time.time() - t0:.0f} s")
+    assert len(results) == 2
+    assert all(f"FidelityQuant: {calibrated}" in info for _, _, info in results)
+    assert psnr(results[0][0], quant) == float("inf"), "batch 1 of 2 differs from the same seed's single job"
+    assert psnr(results[1][0], quant) < float("inf"), "batch 2 repeated batch 1 (seed not advanced?)"
+    _, png, _ = ui.txt2img(PROMPT, quant_file="None")
+    assert png == float_image[1], "float image changed after a two-batch quantized job"
+
+
 def test_interrupt_during_calibration_leaves_model(ui, float_image, calibrated):
     outcome = {}
 

@@ -75,7 +75,7 @@ def test_quantized_close_to_float_and_none_identical(ui, float_image, calibrated
     assert png == float_image[1], "float image changed after a quantized job"
 
 
-def test_other_checkpoint_file_refused(ui, float_image, calibrated):
+def test_other_checkpoint_and_unknown_file_refused(ui, float_image, calibrated):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -90,6 +90,9 @@ def test_other_checkpoint_file_refused(ui, float_image, calibrated):
     with pytest.raises(HttpError) as info:
         ui.txt2img(PROMPT, quant_file="other-model.safetensors")
     assert "calibrated on a different checkpoint" in info.value.body
+    with pytest.raises(HttpError) as info:
+        ui.txt2img(PROMPT, quant_file="no-such-file.safetensors")
+    assert "no file 'no-such-file.safetensors'" in info.value.body
     _, png, _ = ui.txt2img(PROMPT, quant_file="None")
     assert png == float_image[1]
 
@@ -116,3 +119,17 @@ def test_lora_on_quantized(ui, float_image, calibrated):
     assert psnr(again, quant) == float("inf"), "the quantized image changed after a LoRA job (restore not exact)"
     _, png, _ = ui.txt2img(PROMPT, quant_file="None")
     assert png == float_image[1], "float image changed after LoRA jobs"
+
+
+def test_batch_count_with_quantized_file(ui, float_image, calibrated):
+    """Two batches (n_iter 2) with the file: both record it, and the first is the single job's quantized image."""
+    quant = IMAGES["quant"][0] if "quant" in IMAGES else ui.txt2img(PROMPT, quant_file=calibrated)[0]
+    t0 = time.time()
+    results = ui.txt2img_all(PROMPT, quant_file=calibrated, n_iter=2)
+    print(f"\nn_iter 2 quantized txt2img {time.time() - t0:.0f} s")
+    assert len(results) == 2
+    assert all(f"FidelityQuant: {calibrated}" in info for _, _, info in results)
+    assert psnr(results[0][0], quant) == float("inf"), "batch 1 of 2 differs from the same seed's single job"
+    assert psnr(results[1][0], quant) < float("inf"), "batch 2 repeated batch 1 (seed not advanced?)"
+    _, png, _ = ui.txt2img(PROMPT, quant_file="None")
+    assert png == float_image[1], "float image changed after a two-batch quantized job"

@@ -126,16 +126,24 @@ class WebUI:
 
     def txt2img(self, prompt: str, quant_file: str | None = None, seed: int = 1234, size: int = 256, steps: int = 4,
                 **extra):
-        """-> (image as float array HxWx3 in [0, 255], PNG bytes, infotext)."""
+        """-> (image as float array HxWx3 in [0, 255], PNG bytes, infotext) of the first image."""
+        return self.txt2img_all(prompt, quant_file, seed, size, steps, **extra)[0]
+
+    def txt2img_all(self, prompt: str, quant_file: str | None = None, seed: int = 1234, size: int = 256,
+                    steps: int = 4, **extra) -> list:
+        """-> [(image, PNG bytes, infotext)] for every image of the job (no grid)."""
         payload = {"prompt": prompt, "negative_prompt": "", "seed": seed, "steps": steps, "width": size,
                    "height": size, "cfg_scale": 7, "sampler_name": "Euler", "batch_size": 1, "n_iter": 1,
-                   "send_images": True, "save_images": False, **extra}
+                   "send_images": True, "save_images": False, "do_not_save_grid": True, **extra}
         if quant_file is not None:
             payload["alwayson_scripts"] = {"FidelityQuant": {"args": [quant_file]}}
         r = self.request("/sdapi/v1/txt2img", payload)
-        png = base64.b64decode(r["images"][0].split(",", 1)[-1])
-        info = json.loads(r.get("info") or "{}")
-        return decode(png), png, (info.get("infotexts") or [""])[0]
+        infotexts = json.loads(r.get("info") or "{}").get("infotexts") or []
+        out = []
+        for i, image in enumerate(r["images"]):
+            png = base64.b64decode(image.split(",", 1)[-1])
+            out.append((decode(png), png, infotexts[i] if i < len(infotexts) else ""))
+        return out
 
 
 def decode(png: bytes) -> np.ndarray:
