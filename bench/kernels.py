@@ -447,6 +447,7 @@ def metadata(device: torch.device, args, reps: int) -> dict:
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
         "cpu_fast_int8": kernels.cpu_has_fast_int8(), "onednn_conv": kernels.onednn_conv_available(),
+        "cpu_linear_choice": list(kernels.cpu_linear_choice()) if kernels.cpu_has_fast_int8() else None,
         "forced_backend": os.environ.get("FIDELITYQUANT_BACKEND") or None,
         "quick": args.quick, "reps": reps, "sample_ms": args.sample_ms if args.sample_ms is not None
         else (2.0 if args.quick else 10.0), "seed": args.seed, "group_size": GROUP_SIZE,

@@ -46,13 +46,23 @@ class ComfyWeightProtocol(PatchableWeight):
         self.store_merged(codes, scale)
         return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _sync_weights(self) -> None:
         if self._epoch != self.context.weights_epoch:  # once per weights epoch (per load in ComfyUI)
             self._epoch = self.context.weights_epoch
             self._derived = {}  # an in-place restore leaves no version trace: rebuild caches once
             self.sync_restored(deep=True)
         else:
             self.sync_restored()
+
+    def prepare(self, device=None) -> str:
+        """At load (ON_LOAD, after ComfyUI merged patches): sync with restored weights, then prepack."""
+        self._sync_weights()
+        return super().prepare(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the bookkeeping ran at load (prepare); a graph only computes
+            return super().forward(x)
+        self._sync_weights()
         if self.weight_function or self.bias_function:
             return self._forward_on_copies(x)
         return super().forward(x)

@@ -22,7 +22,7 @@ from quant_core.calibration import Calibration
 from quant_core.config import preset as make_preset
 
 from .inputs import check_calibrate_inputs, resolve_load, save_numbered
-from .patching import ComfySamplerRunner, diffusion_model_of, quantized_model, unload_clones_of
+from .patching import ComfySamplerRunner, diffusion_model_of, quantized_model, runtime_for, unload_clones_of
 
 CATEGORY = "FidelityQuant"
 FOLDER = "fidelity_quant"
@@ -98,7 +98,8 @@ def calibrate_and_quantize(model, clip, prompts, negative, steps, cfg, sampler_n
         unet = pristine_unet(model)
         check_finite_weights(unet)  # ComfyUI casts weights per layer, so mixed dtypes are fine here
         calibration = quantize(unet, runner, make_preset(preset, **options), progress=progress)
-        return quantized_model(model, calibration), calibration, calibration.summary()
+        patched = quantized_model(model, calibration)
+        return patched, calibration, calibration.summary() + kernel_line(model, calibration)
 
 
 def save_quantized(quant_result, filename) -> str:
@@ -127,7 +128,13 @@ def load_quantized(model, file):
         if any(issubclass(w.category, MissingDigestWarning) for w in caught):
             report += ("\nnote: this file has no integrity digest (saved by FidelityQuant 0.1.0), so its data were "
                        "not checked for damage; save it again to add one")
-        return quantized_model(model, calibration), report
+        patched = quantized_model(model, calibration)
+        return patched, report + kernel_line(model, calibration)
+
+
+def kernel_line(model, calibration) -> str:
+    """The report line naming the kernels the quantized layers run here (and why, on CPU)."""
+    return "\n" + runtime_for(calibration, model.model).kernel_summary(getattr(model, "load_device", None))
 
 
 def compare_images(reference, images):

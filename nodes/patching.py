@@ -74,13 +74,16 @@ def quantized_model(model, calibration):
     fresh_weight_state(patched)
 
     def route_timestep(executor, *args, **kwargs):
-        runtime.set_timesteps(adapter.timesteps_from_call(args, kwargs))
-        out = executor(*args, **kwargs)
-        runtime.finish_call()
-        return out
+        # begin/end_call also flush denormals on the sampling threads for this call only (runtime/denormals.py)
+        runtime.begin_call(adapter.timesteps_from_call(args, kwargs), args[0] if args else kwargs.get("x"))
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            runtime.end_call()
 
     def on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load):
         runtime.weights_changed(patched=has_weight_patches(patcher))
+        runtime.prepare()  # prepack now (layers where their weights are), not in the first sampling step
 
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, route_timestep)
     patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, WRAPPER_KEY, on_load)

@@ -84,7 +84,16 @@ def test_calibrate_quantize_patches_a_clone_and_stays_close(env, tmp_path):
     assert _pristine(comfy, model, original_unet)
     float_after = _sample(comfy, model)
     assert torch.equal(float_before, float_after)  # the input MODEL is untouched
+    assert "\nkernels: " in report  # which kernel each layer kind runs here
+    # Denormals are flushed on the sampling thread during each quantized UNet call, and only then.
+    from quant_core.runtime.denormals import thread_flushes
+    runtime = pack.nodes.patching.runtime_for(result, model.model)
+    seen = []
+    hook = next(iter(runtime.layers.values())).register_forward_pre_hook(lambda m, a: seen.append(thread_flushes()))
+    torch.set_flush_denormal(False)
     quant = _sample(comfy, qmodel)
+    hook.remove()
+    assert seen and all(seen) and not thread_flushes() and not runtime._flush.active
     rel = float((quant - float_after).norm() / float_after.norm())
     print(f"W8A8 final-latent relative error vs float: {rel:.4f}")
     assert 0 < rel < 0.15, rel  # W8A8, random weights, 3 euler steps: measured 0.078 (2x margin)

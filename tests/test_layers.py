@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import load, save
 
 from quant_core import QuantConv2d, QuantLinear, StepContext
-from quant_core.runtime import kernels
+from quant_core.runtime import kernels, onednn_ops
 
 from reference import (fake_quant_act, fake_quant_act_per_row, fake_quant_w4, fake_quant_w8, rel_err)
 
@@ -18,7 +18,12 @@ OUT_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def linear_backends():
-    return ["float"] + (["int_mm"] if kernels.cpu_has_fast_int8() else [])
+    names = ["float"]
+    if kernels.cpu_has_fast_int8() and kernels.cpu_int_mm_available():
+        names.append("int_mm")
+    if onednn_ops.available():  # runs (slowly) even without int8 dot-product instructions
+        names.append("onednn")
+    return names
 
 
 def conv_backends():
@@ -240,6 +245,49 @@ def test_conv_prepack_cache_follows_weight_updates():
     assert rel_err(layer(x), expected) < OUT_TOL[torch.float32]
 
 
+@pytest.mark.skipif(not onednn_ops.available(), reason="this torch has no oneDNN prepacked int8 linear")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_linear_prepack_cache_follows_weight_updates(bits):
+    torch.manual_seed(10)
+    lin_a, lin_b = seeded_linear(64, 48, seed=1), seeded_linear(64, 48, seed=2)
+    layer = QuantLinear.from_float(lin_a, weight_bits=bits, group_size=32, act_scales=[0.02])
+    layer.use_backend("onednn")
+    x = torch.randn(5, 64)
+    first = layer(x)
+    assert layer._cached("onednn", ("cpu",), lambda: None) is not None  # packed once, reused
+    layer.set_float_weight(lin_b.weight)  # in-place copy: the version counter moves
+    fake_b = fake_quant_w8(lin_b.weight) if bits == 8 else fake_quant_w4(lin_b.weight, 32)
+    second = layer(x)
+    assert not torch.equal(first, second)
+    assert rel_err(second, F.linear(fake_quant_act(x, 0.02), fake_b, lin_a.bias.to(F64))) < OUT_TOL[torch.float32]
+    # A replaced tensor (what a host's unpatch does): lin_a's codes again, in a new Parameter.
+    calibrated_a = QuantLinear.from_float(lin_a, weight_bits=bits, group_size=32, act_scales=[0.02])
+    layer.weight = torch.nn.Parameter(calibrated_a.weight.detach().clone(), requires_grad=False)
+    layer._buffers["weight_scale"] = calibrated_a.weight_scale.clone()
+    if bits == 4:
+        layer.weight_group_scale.copy_(calibrated_a.weight_group_scale)
+    assert torch.equal(layer(x), first)
+
+
+def test_cpu_linear_choice_names_a_backend_and_its_reason():
+    backend, reason = kernels.cpu_linear_choice()
+    assert backend in QuantLinear.BACKENDS and reason
+    if kernels.cpu_has_fast_int8() and onednn_ops.available() and kernels.cpu_int_mm_available():
+        assert "onednn" in reason and "int_mm" in reason and " ms" in reason  # both were measured
+
+
+def test_model_summary_names_the_kernels_and_the_linear_choice():
+    from quant_core.runtime.model import QuantizedModel
+
+    layers = {"lin": QuantLinear.from_float(torch.nn.Linear(64, 64), act_scales=[0.1]),
+              "conv": QuantConv2d.from_float(torch.nn.Conv2d(8, 8, 3), act_scales=[0.1])}
+    line = QuantizedModel(layers, [[999]]).summary()
+    assert f"linear {layers['lin'].backend} x1 (cpu)" in line and f"conv {layers['conv'].backend} x1 (cpu)" in line
+    if layers["lin"].backend != "float":
+        assert kernels.cpu_linear_choice()[1] in line
+    assert "linear int_mm x1 (cuda)" in QuantizedModel(layers, [[999]]).kernel_summary("cuda")
+
+
 def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match="groups=2"):
         QuantConv2d.from_float(torch.nn.Conv2d(8, 8, 3, groups=2))
@@ -252,12 +300,12 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match="positive"):
         QuantLinear.from_float(torch.nn.Linear(8, 8), act_scales=[0.0])
     with pytest.raises(ValueError, match="backends"):
-        QuantLinear(8, 8).use_backend("onednn")
+        QuantLinear(8, 8).use_backend("im2col")
 
 
 def test_backend_choice_is_visible():
     layer = QuantLinear.from_float(torch.nn.Linear(64, 64), act_scales=[0.1])
-    assert layer.backend == ("int_mm" if kernels.cpu_has_fast_int8() else "float")
+    assert layer.backend == (kernels.cpu_linear_choice()[0] if kernels.cpu_has_fast_int8() else "float")
     conv = QuantConv2d.from_float(torch.nn.Conv2d(8, 8, 3), act_scales=[0.1])
     assert conv.backend in QuantConv2d.BACKENDS
     assert "W8A8" in repr(layer)

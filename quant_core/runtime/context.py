@@ -14,13 +14,26 @@ class StepContext:
     ``weights_epoch``: bumped whenever the weights may have changed (e.g. a host merged a LoRA);
     time lookups re-verify their tables and host glue re-checks restored weights once per epoch.
     Comparing this int is the only per-call cost.
+    ``group_index``: ``step_group`` as a 0-d int64 tensor, updated in place, for compiled layers: a
+    compiled graph reads it as an input, so a new group needs no recompile (an int would be specialized).
     """
 
     def __init__(self) -> None:
-        self.step_group = 0
+        self.group_index = torch.zeros((), dtype=torch.int64)
+        self._group = 0
         self.timesteps: torch.Tensor | None = None
         self.time_rows: torch.Tensor | None = None
         self.weights_epoch = 0
+
+    @property
+    def step_group(self) -> int:
+        return self._group
+
+    @step_group.setter
+    def step_group(self, group: int) -> None:
+        if group != self._group:
+            self._group = group
+            self.group_index.fill_(group)
 
 
 def tensor_version(tensor: torch.Tensor) -> int:

@@ -5,6 +5,9 @@ Backends (chosen once per device / layer shape, logged once, exposed as ``QuantL
 - ``int_mm``  ``torch._int_mm`` (int8 x int8 -> int32). CUDA, or a CPU with AVX512-VNNI / AVX-VNNI /
               AMX where PyTorch routes it through oneDNN. Elsewhere on CPU it is a scalar loop that is
               20-40x slower than fp32, so it is never used there.
+- ``onednn``  CPU linear: ``onednn.qlinear_prepack`` once per weight, ``qlinear_pointwise`` per call
+              (``onednn_ops.py``). On CPUs with int8 dot products, linear layers use whichever of
+              this and ``int_mm`` measured faster once per process (``cpu_linear_choice``).
 - ``onednn``  CPU conv: ``onednn.qconv_prepack`` once, ``onednn.qconv2d_pointwise`` per call (uint8
               channels-last activations, zero point 128, fused dequantize + bias).
 - ``im2col``  conv as unfold + ``_int_mm`` (CUDA, or a fast-int8 CPU without the oneDNN ops).
@@ -22,6 +25,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from . import onednn_ops
 
 log = logging.getLogger("fidelityquant")
 
@@ -88,8 +93,8 @@ def onednn_conv_available() -> bool:
     try:
         w_scale = torch.ones(16)
         packed = onednn_prepack(torch.ones(16, 16, 1, 1, dtype=torch.int8), w_scale, (1, 1), (0, 0), (1, 1))
-        conv_onednn(torch.ones(1, 16, 2, 2), 1.0, packed, w_scale, torch.zeros(16, dtype=torch.int64), None,
-                    (1, 1), (0, 0), (1, 1))
+        conv_onednn(torch.ones(1, 16, 2, 2), torch.tensor(1.0), packed, w_scale, torch.zeros(16, dtype=torch.int64),
+                    None, (1, 1), (0, 0), (1, 1))
     except (RuntimeError, TypeError) as exc:
         log.info("FidelityQuant: torch %s's oneDNN int8 conv is not usable here (%s)", torch.__version__,
                  str(exc).split("\n")[0])
@@ -103,9 +108,44 @@ def linear_backend(device: torch.device, in_features: int, out_features: int) ->
     if device.type == "cuda":
         # _int_mm's CUDA constraints on K and N are fixed per layer; M is padded per call.
         return "int_mm" if in_features % 8 == 0 and out_features % 8 == 0 else "float"
-    if device.type == "cpu" and cpu_has_fast_int8() and cpu_int_mm_available():
-        return "int_mm"
+    if device.type == "cpu" and cpu_has_fast_int8():
+        return cpu_linear_choice()[0]
     return "float"
+
+
+# A typical SD projection at a small latent: large enough to separate the kernels, small enough that
+# measuring costs tens of milliseconds once per process.
+LINEAR_PROBE_SHAPE = (512, 320, 1280)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_linear_choice() -> tuple:
+    """(backend, reason): the CPU int8 linear path of this process, from the CPU's flags and availability
+    of the ops, and, when both ``onednn`` and ``int_mm`` run here, one measurement of each on
+    ``LINEAR_PROBE_SHAPE`` (quantize + GEMM + epilogue, CPU time). Reports show the reason."""
+    flags = "/".join(sorted(cpu_flags() & INT8_DOT_FLAGS)) or "no int8 dot-product flags"
+    usable = [name for name, ok in (("onednn", onednn_ops.available()), ("int_mm", cpu_int_mm_available()))
+              if ok]
+    if len(usable) < 2:
+        choice = usable[0] if usable else "float"
+        reason = f"{flags}; torch {torch.__version__} runs {' '.join(usable) or 'neither int8 linear op'}"
+    else:
+        rows, k, n = LINEAR_PROBE_SHAPE
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, k, generator=gen)
+        w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        w_scale, bias, scale = torch.full((n,), 1e-3), torch.zeros(n), torch.tensor(0.03)
+        packed, zeros = onednn_ops.prepack(w8), torch.zeros(n, dtype=torch.int64)
+        times = {
+            "int_mm": onednn_ops.cpu_seconds(
+                lambda: rescale(int8_matmul(quantize_static(x, scale), w8, "int_mm"), w_scale * scale, bias)),
+            "onednn": onednn_ops.cpu_seconds(
+                lambda: onednn_ops.linear(quantize_static(x, scale), scale, packed, w_scale, zeros, bias)),
+        }
+        choice = min(times, key=times.get)
+        reason = f"{flags}; {rows}x{k}x{n}: " + ", ".join(f"{name} {sec * 1e3:.2f} ms" for name, sec in times.items())
+    log.info("FidelityQuant: CPU int8 linear layers use %s (%s)", choice, reason)
+    return choice, reason
 
 
 def conv_backend(device: torch.device, in_features: int, out_features: int, out_pixels: int) -> str:
@@ -197,16 +237,22 @@ def onednn_prepack(w8: torch.Tensor, w_scale: torch.Tensor, stride, padding, dil
         list(dilation), 1, None)
 
 
-def conv_onednn(x: torch.Tensor, scale: float, packed: torch.Tensor, w_scale: torch.Tensor,
+_CONV_TENSOR_SCALE = onednn_ops.conv_takes_tensor_scale()
+
+
+def conv_onednn(x: torch.Tensor, scale: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
                 w_zero: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation) -> torch.Tensor:
-    """int8 conv on CPU through oneDNN; returns float32 in channels-last layout."""
+    """int8 conv on CPU through oneDNN; ``scale`` a 0-d float32 tensor; returns float32 in channels-last layout."""
     xf = x.to(torch.float32) if x.dtype != torch.float32 else x
     # uint8 with zero point 128 is the same grid as int8 [-128, 127].
-    qx = torch.mul(xf, 1.0 / scale).round_().add_(128).clamp_(0, 255).to(torch.uint8)
+    qx = torch.mul(xf, scale.reciprocal()).round_().add_(128).clamp_(0, 255).to(torch.uint8)
     qx = qx.contiguous(memory_format=torch.channels_last)
-    return torch.ops.onednn.qconv2d_pointwise(
-        qx, scale, 128, packed, w_scale, w_zero, bias, list(stride), list(padding), list(dilation),
-        1, 1.0, 0, torch.float32, "none", [], "")
+    op = torch.ops.onednn.qconv2d_pointwise
+    tail = (bias, list(stride), list(padding), list(dilation), 1, 1.0, 0, torch.float32, "none", [], "")
+    if _CONV_TENSOR_SCALE:  # nothing read back to Python, so it traces without a graph break
+        zero = torch.full((), 128, dtype=torch.int64, device=x.device)
+        return op.tensor(qx, scale, zero, packed, w_scale, w_zero, *tail)
+    return op(qx, float(scale), 128, packed, w_scale, w_zero, *tail)
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

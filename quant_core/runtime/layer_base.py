@@ -110,14 +110,38 @@ class QuantLayer(nn.Module):
         Keyed on the identity and version of the codes and scale tensors, so that replacing them
         (a LoRA merge or its unpatch) or a later ``copy_`` / ``load_state_dict`` invalidates it.
         """
-        key = key + (tensor_version(self.weight), tensor_version(self.weight_scale))
         hit = self._derived.get(name)
+        if torch.compiler.is_compiling():  # version counters are not traceable: identity (guards) only
+            if hit is not None and hit[1] is self.weight and hit[2] is self.weight_scale:
+                return hit[3]
+            return build()
+        key = key + tuple(tensor_version(getattr(self, n)) for n in self._format_tensors) + (
+            tensor_version(self.weight_scale),)
         # Identity, not data_ptr: a freed patched tensor's address can be reused by the next patch.
         if hit is not None and hit[0] == key and hit[1] is self.weight and hit[2] is self.weight_scale:
             return hit[3]
         value = build()
         self._derived[name] = (key, self.weight, self.weight_scale, value)
         return value
+
+    def _prepacked_ready(self, name: str) -> bool:
+        """Whether runtime data ``name`` exists for the current codes and scale (read under torch.compile,
+        where the prepack ops cannot run: they have no shape rules)."""
+        hit = self._derived.get(name)
+        return hit is not None and hit[1] is self.weight and hit[2] is self.weight_scale
+
+    def prepare(self, device=None) -> str:
+        """Resolve the backend and build the runtime data (prepacked weights) for ``device`` (default: where the
+        weights are) now: once per load rather than in the first step, and before torch.compile traces the
+        layer, so the graph keeps the int8 kernel. Returns the backend."""
+        raise NotImplementedError
+
+    def _compiling_backend(self, backend: str | None) -> str | None:
+        """Under torch.compile: the backend resolved eagerly before, else the float path (the choice measures
+        and logs, which a graph cannot do; ``prepare()`` first avoids this). None when not compiling."""
+        if not torch.compiler.is_compiling():
+            return None
+        return self._backend_override or backend or "float"
 
     def int8_weight_2d(self) -> torch.Tensor:
         """Exact int8 weight (N, K) that the GEMM uses."""
@@ -143,6 +167,9 @@ class QuantLayer(nn.Module):
         return self.act_scale.numel() == 0
 
     def current_act_scale(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a tensor index: changing groups needs no recompile
+            index = self.context.group_index.to(self.act_scale.device).view(1)
+            return self.act_scale.index_select(0, index).view(()).to(torch.float32)
         return self.act_scale[self.context.step_group].to(torch.float32)
 
     def set_act_scales(self, scales) -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, onednn_ops
 from ..models.adapters import is_linear
 from .layer_base import QuantLayer
 
@@ -31,7 +31,7 @@ def _fill_from_float(layer: QuantLayer, module: nn.Module, act_scales, weight_cl
 class QuantLinear(QuantLayer):
     """Linear layer with int8 or grouped-int4 weights and int8 activations."""
 
-    BACKENDS = ("int_mm", "float")
+    BACKENDS = ("onednn", "int_mm", "float")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 8,
                  group_size: int = 64, act_groups: int = 1, device=None) -> None:
@@ -55,6 +55,9 @@ class QuantLinear(QuantLayer):
         if self._backend_override:
             return self._backend_override
         backend = self._backend.get(device.type)
+        compiling = self._compiling_backend(backend)
+        if compiling is not None:
+            return compiling
         if backend is None:
             backend = kernels.linear_backend(device, self.in_features, self.out_features)
             self._backend[device.type] = backend
@@ -67,9 +70,14 @@ class QuantLinear(QuantLayer):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend_for(x.device)
+        if backend == "onednn" and torch.compiler.is_compiling() and not self._prepacked_ready("onednn"):
+            backend = "float"  # not prepared: a graph cannot prepack (see prepare)
         x2d = x.reshape(-1, self.in_features)
-        w8 = self.int8_weight_2d()
         w_scale, bias = self._float_tensors(x.device)
+        if backend == "onednn":
+            out = self._run_onednn(x2d, w_scale, bias)
+            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        w8 = self.int8_weight_2d()
         if self.is_dynamic:
             qx, row_scale = kernels.quantize_dynamic_rows(x2d)
             out = kernels.rescale(kernels.int8_matmul(qx, w8, backend), w_scale, bias, row_scale)
@@ -78,6 +86,29 @@ class QuantLinear(QuantLayer):
             qx = kernels.quantize_static(x2d, scale)
             out = kernels.rescale(kernels.int8_matmul(qx, w8, backend), w_scale * scale, bias)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def prepare(self, device=None) -> str:
+        device = torch.device(device) if device is not None else self.weight.device
+        backend = self.backend_for(device)
+        if backend == "onednn" and self.weight.device == device:
+            self._packed(device)
+        return backend
+
+    def _packed(self, device: torch.device) -> tuple:
+        # Prepacked once per weight (W4: from the unpacked codes, so W4 calls skip the unpack too).
+        packed = self._cached("onednn", (device.type,), lambda: onednn_ops.prepack(self.int8_weight_2d()))
+        zeros = self._cached("zero_points", (device.type,), lambda: torch.zeros(self.out_features, dtype=torch.int64))
+        return packed, zeros
+
+    def _run_onednn(self, x2d: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        packed, zeros = self._packed(x2d.device)
+        if self.is_dynamic:  # per-row scales: the op's epilogue takes one activation scale, so apply them after
+            qx, row_scale = kernels.quantize_dynamic_rows(x2d)
+            out = onednn_ops.linear(qx, torch.ones((), dtype=torch.float32), packed, w_scale, zeros, None)
+            out = out.mul_(row_scale)
+            return out.add_(bias) if bias is not None else out
+        scale = self.current_act_scale()
+        return onednn_ops.linear(kernels.quantize_static(x2d, scale), scale, packed, w_scale, zeros, bias)
 
     def spec(self) -> dict:
         """Everything needed to rebuild an empty layer that ``load_state_dict`` can fill."""
@@ -134,6 +165,9 @@ class QuantConv2d(QuantLayer):
             return self._backend_override
         key = (device.type, out_pixels if device.type == "cuda" else 0)
         backend = self._backend.get(key)
+        compiling = self._compiling_backend(backend)
+        if compiling is not None:
+            return compiling
         if backend is None:
             backend = kernels.conv_backend(device, self.reduce_dim, self.out_channels, out_pixels)
             self._backend[key] = backend
@@ -145,13 +179,29 @@ class QuantConv2d(QuantLayer):
         """The path of the last call (on CUDA it depends on the resolution), else the default choice."""
         return self._last_backend or self.backend_for(self.weight.device)
 
+    def prepare(self, device=None) -> str:
+        device = torch.device(device) if device is not None else self.weight.device
+        backend = self.backend_for(device)
+        if backend == "onednn" and self.weight.device == device:
+            self._packed(device, self._float_tensors(device)[0])
+        return backend
+
+    def _packed(self, device: torch.device, w_scale: torch.Tensor) -> tuple:
+        packed = self._cached("onednn", (device.type,), lambda: kernels.onednn_prepack(
+            self._int8_weight_4d(), w_scale, self.stride, self.padding, self.dilation))
+        zeros = self._cached("zero_points", (device.type,), lambda: torch.zeros(self.out_channels, dtype=torch.int64))
+        return packed, zeros
+
     def _int8_weight_4d(self) -> torch.Tensor:
         return self.int8_weight_2d().view(self.weight_shape)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
         out_h, out_w = self.out_hw(height, width)
-        backend = self._last_backend = self.backend_for(x.device, out_h * out_w)
+        backend = self.backend_for(x.device, out_h * out_w)
+        if backend == "onednn" and torch.compiler.is_compiling() and not self._prepacked_ready("onednn"):
+            backend = "float"  # not prepared: a graph cannot prepack (see prepare)
+        self._last_backend = backend
         w_scale, bias = self._float_tensors(x.device)
         if self.is_dynamic:
             scale = x.detach().abs().amax().to(torch.float32).clamp_min(1e-8) / kernels.ACT_QMAX
@@ -159,11 +209,8 @@ class QuantConv2d(QuantLayer):
             scale = self.current_act_scale()
 
         if backend == "onednn":
-            packed = self._cached("onednn", (x.device.type,), lambda: kernels.onednn_prepack(
-                self._int8_weight_4d(), w_scale, self.stride, self.padding, self.dilation))
-            zeros = self._cached("zero_points", (x.device.type,),
-                                 lambda: torch.zeros(self.out_channels, dtype=torch.int64))
-            out = kernels.conv_onednn(x, float(scale), packed, w_scale, zeros, bias,
+            packed, zeros = self._packed(x.device, w_scale)
+            out = kernels.conv_onednn(x, scale, packed, w_scale, zeros, bias,
                                       self.stride, self.padding, self.dilation)
         elif backend == "im2col":
             qx = kernels.quantize_static(x, scale)

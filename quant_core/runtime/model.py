@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 
 from ..models.modeltree import clone_module_tree, set_submodule
+from . import kernels
 from .context import StepContext, group_of, group_thresholds
+from .denormals import FlushDenormals
 from .range_check import RangeMonitor, range_message
 from .timetables import TimeTableLookup, resolve_rows
 
@@ -47,6 +49,9 @@ class QuantizedModel:
             layer.context = self.context
         self.ranges = RangeMonitor(layers, self.context)
         self._warned: set = set()
+        # Denormals flushed on the CPU threads that run a call (begin_call .. end_call), then restored.
+        self.flush_denormals = True
+        self._flush = FlushDenormals()
 
     # ---------------------------------------------------------------- per call
 
@@ -57,6 +62,21 @@ class QuantizedModel:
         # The whole batch shares one group (samplers step the batch together); use the first t.
         self.context.step_group = group_of(float(t[0]), self.thresholds) if self.thresholds else 0
         self.context.time_rows = resolve_rows(self.time_keys, t) if self.time_tables else None
+
+    def begin_call(self, timesteps: torch.Tensor, sample=None) -> None:
+        """Start of a UNet call: routing (``set_timesteps``) and, on CPU, denormals flushed on this thread and
+        its intra-op pool until ``end_call`` (which a host must reach also when the call raises)."""
+        self.set_timesteps(timesteps)
+        device = sample.device if isinstance(sample, torch.Tensor) else timesteps.device
+        if self.flush_denormals and device.type == "cpu":
+            self._flush.enter()
+
+    def end_call(self) -> None:
+        """End of a UNet call: the range report (``finish_call``) and the threads' denormal flags restored."""
+        try:
+            self.finish_call()
+        finally:
+            self._flush.exit()
 
     def finish_call(self) -> None:
         """After each UNet call: reports range measurements taken during that call (no-op otherwise)."""
@@ -84,6 +104,13 @@ class QuantizedModel:
         else:
             self.ranges.disarm()
 
+    def prepare(self, device=None) -> None:
+        """Choose each layer's kernel and prepack its weights now (for ``device``; default where each layer's
+        weights are). Hosts call it once per load, after weight patches: the first step then costs no more
+        than the others, and torch.compile sees prepacked weights (it cannot prepack inside a graph)."""
+        for layer in self.layers.values():
+            layer.prepare(device)
+
     def merged_layers(self) -> list:
         """Layers whose codes currently hold a merged weight patch (e.g. a LoRA a host has not unpatched yet)."""
         return [name for name, layer in self.layers.items() if getattr(layer, "has_merged_patch", False)]
@@ -104,14 +131,19 @@ class QuantizedModel:
         model = clone_module_tree(unet)
         for name, module in self.replacements(unet).items():
             set_submodule(model, name, module)
+        self.prepare()
 
         def route(module, args, kwargs):
-            self.set_timesteps(self.timesteps_from_call(args, kwargs))
+            sample = args[0] if args else next((kwargs[k] for k in ("x", "sample") if k in kwargs), None)
+            self.begin_call(self.timesteps_from_call(args, kwargs), sample)
 
         def finish(module, args, output):
-            self.finish_call()
+            self.end_call()
         model.register_forward_pre_hook(route, with_kwargs=True)
-        model.register_forward_hook(finish)
+        try:
+            model.register_forward_hook(finish, always_call=True)  # also when the call raises
+        except TypeError:  # torch < 2.1: a raising call is made good by the next call's end_call
+            model.register_forward_hook(finish)
         return model
 
     def weight_bytes(self) -> int:
@@ -119,7 +151,23 @@ class QuantizedModel:
 
     def summary(self) -> str:
         """The calibration's report, plus what the range check found after a weight patch."""
-        return (self._describe() if self._describe else "") + self.range_summary()
+        text = self._describe() if self._describe else ""
+        return text + ("\n" if text else "") + self.kernel_summary() + self.range_summary()
+
+    def kernel_summary(self, device=None) -> str:
+        """One report line: the kernel each layer kind runs on ``device`` (default: where its weights are; a
+        host that moves the model at sampling passes its load device), and why the CPU linear kernel was
+        chosen (once per process, ``kernels.cpu_linear_choice``). CUDA convs also depend on the resolution."""
+        counts: dict = {}
+        for layer in self.layers.values():
+            where = torch.device(device) if device is not None else layer.weight.device
+            key = (where.type, "conv" if hasattr(layer, "kernel_size") else "linear", layer.backend_for(where))
+            counts[key] = counts.get(key, 0) + 1
+        parts = [f"{kind} {backend} x{n} ({device})" for (device, kind, backend), n in sorted(counts.items())]
+        line = "kernels: " + ", ".join(parts)
+        if any(device == "cpu" and kind == "linear" and backend != "float" for device, kind, backend in counts):
+            line += f"; CPU linear choice: {kernels.cpu_linear_choice()[1]}"
+        return line
 
     def range_summary(self) -> str:
         """The range check's finding after a weight patch, as report lines ('' when none ran)."""

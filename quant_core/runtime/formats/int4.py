@@ -50,12 +50,32 @@ def padded_width(in_features: int, group_size: int) -> int:
 
 def int4_to_int8(packed: torch.Tensor, group_scale: torch.Tensor, in_features: int) -> torch.Tensor:
     """Exact int8 weight (N, K) from packed int4 codes and integer group scales."""
+    if _UNPACK_PADDED_OP is not None and packed.shape[1] * 2 != in_features and torch.compiler.is_compiling():
+        return _UNPACK_PADDED_OP(packed, group_scale, in_features)
+    return _int4_to_int8(packed, group_scale, in_features)
+
+
+def _int4_to_int8(packed: torch.Tensor, group_scale: torch.Tensor, in_features: int) -> torch.Tensor:
     rows, n_groups = group_scale.shape
     k_pad = packed.shape[1] * 2
     codes = unpack_int4(packed, k_pad // n_groups)
     w8 = codes.view(rows, n_groups, k_pad // n_groups) * group_scale.view(torch.int8).unsqueeze(2)
     w8 = w8.view(rows, k_pad)
     return w8 if k_pad == in_features else w8[:, :in_features].contiguous()
+
+
+def _register_unpack_op():
+    """Under torch.compile, the unpack of a weight whose K is padded to the group size runs as one opaque op:
+    Inductor (torch 2.13, CPU) fused the final column slice into garbage reads (tests/test_compile.py)."""
+    if not hasattr(torch.library, "custom_op"):
+        return None
+    op = torch.library.custom_op("fidelityquant::int4_to_int8_padded", mutates_args=())(_int4_to_int8)
+    op.register_fake(lambda packed, group_scale, in_features: packed.new_empty(
+        (packed.shape[0], in_features), dtype=torch.int8))
+    return op
+
+
+_UNPACK_PADDED_OP = _register_unpack_op()
 
 
 @dataclass(frozen=True)
