@@ -99,6 +99,8 @@ def test_pyproject_is_complete_for_the_registry(pyproject):
     has_a1111_extension = any((REPO / "scripts").glob("*.py"))
     if not has_a1111_extension:
         assert not re.search(r"A1111|AUTOMATIC1111|Forge|webui", project["description"], re.I), project["description"]
+    else:
+        assert re.search(r"AUTOMATIC1111|A1111", project["description"]), "the description omits the A1111 extension"
 
     # Dependencies: the same as requirements.txt (what ComfyUI-Manager and install.py install), never torch.
     reqs = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
