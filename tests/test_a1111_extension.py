@@ -156,6 +156,32 @@ def test_batch_count_with_quantized_file(ui, float_image, calibrated):
     assert png == float_image[1], "float image changed after a two-batch quantized job"
 
 
+@pytest.mark.parametrize("mode", ["hires fix", "img2img"])
+def test_hires_fix_and_img2img_with_quantized_file(ui, float_image, calibrated, mode):
+    """The file also drives a hires-fix second pass and img2img: close to the float job, not identical, recorded."""
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
+             "denoising_strength": 0.6}
+
+    def run(quant_file, prompt=PROMPT, seed=1234):
+        if mode == "hires fix":
+            return ui.txt2img(prompt, quant_file=quant_file, seed=seed, **hires)
+        return ui.img2img(prompt, float_image[1], quant_file=quant_file, seed=seed)
+
+    t0 = time.time()
+    reference, _, _ = run(None)
+    t1 = time.time()
+    quant, _, info = run(calibrated)
+    print(f"\n{mode}: float {t1 - t0:.0f} s, quantized {time.time() - t1:.0f} s")
+    other, _, _ = run(None, "a bowl of ramen, top view", 99)
+    close, unrelated = psnr(quant, reference), psnr(other, reference)
+    print(f"{mode}: quantized vs float {close:.2f} dB; unrelated vs float {unrelated:.2f} dB")
+    assert f"FidelityQuant: {calibrated}" in info
+    assert close < float("inf"), f"{mode}: the quantized image is identical to the float one"
+    assert close > unrelated + 6, f"{mode}: quantized not close to float ({close:.2f} vs unrelated {unrelated:.2f} dB)"
+    _, png, _ = ui.txt2img(PROMPT, quant_file="None")
+    assert png == float_image[1], f"float image changed after a quantized {mode} job"
+
+
 def test_interrupt_during_calibration_leaves_model(ui, float_image, calibrated):
     outcome = {}
 

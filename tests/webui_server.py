@@ -129,15 +129,22 @@ class WebUI:
         """-> (image as float array HxWx3 in [0, 255], PNG bytes, infotext) of the first image."""
         return self.txt2img_all(prompt, quant_file, seed, size, steps, **extra)[0]
 
+    def img2img(self, prompt: str, init_png: bytes, quant_file: str | None = None, denoising_strength: float = 0.6,
+                **extra):
+        """-> (image, PNG bytes, infotext) of img2img from ``init_png`` (same defaults as txt2img)."""
+        init = "data:image/png;base64," + base64.b64encode(init_png).decode()
+        return self.txt2img_all(prompt, quant_file, route="/sdapi/v1/img2img", init_images=[init],
+                                denoising_strength=denoising_strength, **extra)[0]
+
     def txt2img_all(self, prompt: str, quant_file: str | None = None, seed: int = 1234, size: int = 256,
-                    steps: int = 4, **extra) -> list:
+                    steps: int = 4, route: str = "/sdapi/v1/txt2img", **extra) -> list:
         """-> [(image, PNG bytes, infotext)] for every image of the job (no grid)."""
         payload = {"prompt": prompt, "negative_prompt": "", "seed": seed, "steps": steps, "width": size,
                    "height": size, "cfg_scale": 7, "sampler_name": "Euler", "batch_size": 1, "n_iter": 1,
                    "send_images": True, "save_images": False, "do_not_save_grid": True, **extra}
         if quant_file is not None:
             payload["alwayson_scripts"] = {"FidelityQuant": {"args": [quant_file]}}
-        r = self.request("/sdapi/v1/txt2img", payload)
+        r = self.request(route, payload)
         infotexts = json.loads(r.get("info") or "{}").get("infotexts") or []
         out = []
         for i, image in enumerate(r["images"]):
