@@ -139,7 +139,8 @@ def test_batch_count_with_quantized_file(ui, float_image, calibrated):
 def test_hires_fix_and_img2img_with_quantized_file(ui, float_image, calibrated, mode):
     """The file also drives a hires-fix second pass and img2img: close to the float job, not identical, recorded."""
     hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
-             "denoising_strength": 0.6}
+             "denoising_strength": 0.6,
+             "hr_additional_modules": ["Use same choices"]}  # Forge's API fails on hires fix without it (None)
 
     def run(quant_file, prompt=PROMPT, seed=1234):
         if mode == "hires fix":
