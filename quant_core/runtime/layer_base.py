@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from . import formats
 from .context import StepContext, tensor_version
+from .compat import is_compiling
 
 
 class QuantLayer(nn.Module):
@@ -111,7 +112,7 @@ class QuantLayer(nn.Module):
         (a LoRA merge or its unpatch) or a later ``copy_`` / ``load_state_dict`` invalidates it.
         """
         hit = self._derived.get(name)
-        if torch.compiler.is_compiling():  # version counters are not traceable: identity (guards) only
+        if is_compiling():  # version counters are not traceable: identity (guards) only
             if hit is not None and hit[1] is self.weight and hit[2] is self.weight_scale:
                 return hit[3]
             return build()
@@ -139,7 +140,7 @@ class QuantLayer(nn.Module):
     def _compiling_backend(self, backend: str | None) -> str | None:
         """Under torch.compile: the backend resolved eagerly before, else the float path (the choice measures
         and logs, which a graph cannot do; ``prepare()`` first avoids this). None when not compiling."""
-        if not torch.compiler.is_compiling():
+        if not is_compiling():
             return None
         return self._backend_override or backend or "float"
 
@@ -167,7 +168,7 @@ class QuantLayer(nn.Module):
         return self.act_scale.numel() == 0
 
     def current_act_scale(self) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # a tensor index: changing groups needs no recompile
+        if is_compiling():  # a tensor index: changing groups needs no recompile
             index = self.context.group_index.to(self.act_scale.device).view(1)
             return self.act_scale.index_select(0, index).view(()).to(torch.float32)
         return self.act_scale[self.context.step_group].to(torch.float32)

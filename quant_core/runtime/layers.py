@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from . import kernels, onednn_ops
 from ..models.adapters import is_linear
 from .layer_base import QuantLayer
+from .compat import is_compiling
 
 
 def _act_groups(act_scales) -> int:
@@ -70,7 +71,7 @@ class QuantLinear(QuantLayer):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend_for(x.device)
-        if backend == "onednn" and torch.compiler.is_compiling() and not self._prepacked_ready("onednn"):
+        if backend == "onednn" and is_compiling() and not self._prepacked_ready("onednn"):
             backend = "float"  # not prepared: a graph cannot prepack (see prepare)
         x2d = x.reshape(-1, self.in_features)
         w_scale, bias = self._float_tensors(x.device)
@@ -199,7 +200,7 @@ class QuantConv2d(QuantLayer):
         batch, _, height, width = x.shape
         out_h, out_w = self.out_hw(height, width)
         backend = self.backend_for(x.device, out_h * out_w)
-        if backend == "onednn" and torch.compiler.is_compiling() and not self._prepacked_ready("onednn"):
+        if backend == "onednn" and is_compiling() and not self._prepacked_ready("onednn"):
             backend = "float"  # not prepared: a graph cannot prepack (see prepare)
         self._last_backend = backend
         w_scale, bias = self._float_tensors(x.device)

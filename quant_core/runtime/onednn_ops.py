@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from .compat import is_compiling
+
 log = logging.getLogger("fidelityquant")
 
 
@@ -59,7 +61,7 @@ def linear(qx: torch.Tensor, scale: torch.Tensor, packed: torch.Tensor, w_scale:
 
     ``scale``: 0-d float32 tensor; ``w_zero``: int64 zeros (N,) (the weight is symmetric).
     """
-    if _LINEAR_OP is not None and torch.compiler.is_compiling():
+    if _LINEAR_OP is not None and is_compiling():
         return _LINEAR_OP(qx, scale, packed, w_scale, w_zero, bias)
     return _linear(qx, scale, packed, w_scale, w_zero, bias)  # eager: no custom-op dispatch cost
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .common import (GROUP_SCALE_MAX, INT4_QMAX, INT4_QMIN, SUPPORTED_GROUP_SIZES, _EPS, as_2d_float, as_dtype,
                      clip_vector, where_rows)
+from ..compat import is_compiling
 
 
 def pack_int4(codes: torch.Tensor, block: int | None = None) -> torch.Tensor:
@@ -50,7 +51,7 @@ def padded_width(in_features: int, group_size: int) -> int:
 
 def int4_to_int8(packed: torch.Tensor, group_scale: torch.Tensor, in_features: int) -> torch.Tensor:
     """Exact int8 weight (N, K) from packed int4 codes and integer group scales."""
-    if _UNPACK_PADDED_OP is not None and packed.shape[1] * 2 != in_features and torch.compiler.is_compiling():
+    if _UNPACK_PADDED_OP is not None and packed.shape[1] * 2 != in_features and is_compiling():
         return _UNPACK_PADDED_OP(packed, group_scale, in_features)
     return _int4_to_int8(packed, group_scale, in_features)
 
