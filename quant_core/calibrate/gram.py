@@ -9,7 +9,7 @@ Two bounds make this affordable at full size (docs/CALIBRATION_MEMORY.md has the
 - **Block-diagonal H.** K is split into blocks of at most ``block`` columns (whole input channels for
   convs: a block never splits one channel's kernel taps) and only the diagonal blocks are kept. Memory
   and fit cost drop from K^2 to K x block; the rounding compensates errors within a block. For SD1.5
-  the sum of full H over all layers is 28 GB in float32; block-diagonal at 1024 columns it is 2.8 GB.
+  the sum of full H over all layers is 26 GiB in float32; block-diagonal at 1024 columns it is 2.4 GiB.
 - **Row subsampling per call.** Accumulating every token would cost ``K / N`` times the layer's own
   GEMM (9x for a 3x3 conv with as many outputs as input channels). Each call adds a seeded uniform
   subset of its rows, sized so the update costs about ``cost`` times the layer's own FLOPs (all rows
@@ -25,7 +25,7 @@ import torch
 
 MIN_ROWS_PER_CALL = 64  # below this the subset is all rows (small deep layers see few tokens per call)
 FLUSH_ROWS = 64         # rows buffered before an update: with fewer, re-reading every H block per call
-                        # (2.8 GB for SD1.5) would cost more than the arithmetic
+                        # (2.4 GiB for SD1.5) would cost more than the arithmetic
 
 
 def block_bounds(reduce_dim: int, block: int, align: int = 1) -> list[tuple[int, int]]:
