@@ -128,7 +128,8 @@ def test_budget_smaller_than_one_pass_still_covers_every_layer(sd1):
     assert "error-compensated rounding on" in tight.summary()
 
 
-def test_cancel_during_a_later_gram_pass_leaves_the_model_untouched(sd1):
+def _cancel_inside_second_pass_leaves_model_untouched(sd1, config):
+    """Cancel at the second call of the second sampling pass: weights bit-identical, no hook left anywhere."""
     unet, runner = sd1
     digest = weights_digest(unet)
     calls = runner.total_unet_calls
@@ -137,30 +138,22 @@ def test_cancel_during_a_later_gram_pass_leaves_the_model_untouched(sd1):
         pass
 
     def progress(done, total):
-        if done == calls + 2:  # inside the second capture pass
+        if done == calls + 2:
             raise Cancelled()
 
     with pytest.raises(Cancelled):
-        quantize(unet, runner, preset("W4A8", workers=1, gram_memory_mb=1), progress=progress)
+        quantize(unet, runner, config, progress=progress)
     assert weights_digest(unet) == digest
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in unet.modules())
+
+
+def test_cancel_during_a_later_gram_pass_leaves_the_model_untouched(sd1):
+    # a 1 MiB Gram budget: the second pass is a Gram-only capture pass
+    _cancel_inside_second_pass_leaves_model_untouched(sd1, preset("W4A8", workers=1, gram_memory_mb=1))
 
 
 def test_cancel_during_the_consistency_pass_with_its_evaluation_leaves_the_model_untouched(sd1):
     """The evaluation rides along in the consistency pass (float calls beside quantized ones): a cancel there
     leaves no hook on the float model or its modules, and its weights unchanged."""
-    unet, runner = sd1
-    digest = weights_digest(unet)
-    calls = runner.total_unet_calls
-
-    class Cancelled(Exception):
-        pass
-
-    def progress(done, total):
-        if done == calls + 2:  # inside the consistency pass (one capture pass: 3 calls)
-            raise Cancelled()
-
-    with pytest.raises(Cancelled):
-        quantize(unet, runner, preset("W8A8", workers=1), progress=progress)
-    assert weights_digest(unet) == digest
-    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in unet.modules())
+    # one capture pass, so the second pass is the consistency pass
+    _cancel_inside_second_pass_leaves_model_untouched(sd1, preset("W8A8", workers=1))
