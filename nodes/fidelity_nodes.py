@@ -184,7 +184,8 @@ def _calibrate_inputs():
                                         "sensitive layers promoted to int8 within bits_budget"}),
         ("timestep_groups", "INT", {"default": 4, "min": 1, "max": 16,
                                     "tooltip": "activation scales per layer, one per group of timesteps"}),
-        ("bits_budget", "FLOAT", {"default": 4.5, "min": 4.0, "max": 16.0, "step": 0.25,
+        # min 4.25: the engine needs an average above the 4-bit base (the smallest such value on the 0.25 grid)
+        ("bits_budget", "FLOAT", {"default": 4.5, "min": 4.25, "max": 16.0, "step": 0.25,
                                   "tooltip": "average weight bits (W4A8-mixed only)"}),
         ("consistency_pass", "BOOLEAN", {"default": True, "tooltip": "refit activation scales on the quantized "
                                                                      "model's own trajectory (one more sampling pass)"}),

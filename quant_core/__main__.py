@@ -1,6 +1,7 @@
-"""Command line: ``python -m quant_core quantize``.
+"""Command line: ``fidelityquant quantize`` (after ``pip install .``) or ``python -m quant_core quantize``.
 
-quantize  calibrates a user's diffusers model folder on a prompt file and writes one safetensors file.
+quantize  calibrates a user's model (a diffusers folder, or a single-file SD1.x/SD2.x/SDXL .safetensors
+          checkpoint) on a prompt file and writes one safetensors file.
 
 The demo on the bundled proxy model is not part of the engine: ``python bench/demo.py``.
 """
@@ -46,18 +47,29 @@ def _read_prompts(path: str) -> list:
         raise SystemExit(f"{path}: {exc}")
 
 
-def _load_model(path: str, device: str):
+def _is_single_file(path: str) -> bool:
+    return Path(path).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def _load_model(path: str, device: str, config=None):
     """The diffusers pipeline, or one line that says why not (diffusers' own errors run to many lines and
     can mislead, e.g. 'Unable to locate the file' for a weights file that exists but is truncated)."""
     from .models.runners import load_diffusers_pipeline
+    from .models.single_file import load_single_file_pipeline
 
+    single = _is_single_file(path)
+    if config is not None and not single:
+        raise SystemExit("--config is for single-file checkpoints; a diffusers folder brings its own configs")
     try:
+        if single:
+            return load_single_file_pipeline(path, config=config, device=device)
         return load_diffusers_pipeline(path, device=device)
     except (FileNotFoundError, ValueError):
-        raise  # already one clear line (missing folder, no model_index.json, unsupported pipeline)
+        raise  # already one clear line (missing file/folder, family, config, unsupported pipeline)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise SystemExit(f"could not load the diffusers model in {path} ({type(exc).__name__}: {first}). A weights "
+        what = "checkpoint" if single else "diffusers model in"
+        raise SystemExit(f"could not load the {what} {path} ({type(exc).__name__}: {first}). A weights "
                          "file may be incomplete or corrupt: re-download or re-convert the model.") from None
 
 
@@ -74,10 +86,14 @@ def cmd_quantize(args) -> int:
         raise SystemExit(f"--out {out}: the file name must end in .safetensors")
     prompts = _read_prompts(args.prompts)
     check_sampling(args.steps, args.width, args.height)
-    cfg = preset(args.preset, timestep_groups=args.groups, consistency_pass=not args.no_consistency,
-                 memory_limit_mb=args.memory_mb)
+    options = dict(timestep_groups=args.groups, consistency_pass=not args.no_consistency, memory_limit_mb=args.memory_mb)
+    if args.bits_budget is not None:
+        if not PRESETS[args.preset].get("mixed_precision"):
+            raise SystemExit(f"--bits-budget applies to W4A8-mixed only (preset {args.preset} has fixed weight bits)")
+        options["bits_budget"] = args.bits_budget
+    cfg = preset(args.preset, **options)  # ValueError (one line) for a budget outside (4, 16]
     check_config(cfg)
-    pipe = _load_model(args.model, args.device)
+    pipe = _load_model(args.model, args.device, args.config)
     runner = DiffusersRunner(pipe, prompts, negative_prompt=args.negative, steps=args.steps,
                              guidance_scale=args.cfg, height=args.height, width=args.width, seed=args.seed)
     bar, update = progress_bar(f"calibrating ({args.preset})")
@@ -109,13 +125,17 @@ def _run(args) -> int:
         raise SystemExit(f"error: {exc}") from None
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quant_core", description=__doc__,
+def main(argv=None, prog=None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m quant_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="calibrate a diffusers model folder and save the result")
-    q.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json)")
+    q = sub.add_parser("quantize", help="calibrate a model (diffusers folder or .safetensors checkpoint) and save it")
+    q.add_argument("--model", required=True,
+                   help="diffusers pipeline folder (model_index.json), or a single-file SD1.x/SD2.x/SDXL .safetensors")
+    q.add_argument("--config", default=None,
+                   help="single-file checkpoints: a local diffusers folder of the same family whose configs and "
+                        "tokenizer build the pipeline (default: the Hugging Face cache's copy; nothing is downloaded)")
     q.add_argument("--prompts", required=True, help="text file, one calibration prompt per line")
     q.add_argument("--preset", default="W8A8", choices=sorted(PRESETS))
     q.add_argument("--out", required=True, help="output .safetensors file")
@@ -129,11 +149,18 @@ def main(argv=None) -> int:
     q.add_argument("--groups", type=int, default=4, help="timestep groups (1 = one activation scale)")
     q.add_argument("--no-consistency", action="store_true", help="skip the consistency pass")
     q.add_argument("--memory-mb", type=int, default=256, help="capture memory limit")
+    q.add_argument("--bits-budget", type=float, default=None,
+                   help="W4A8-mixed: average weight bits, above 4 and at most 16 (default 4.5)")
     q.add_argument("--device", default="cpu")
     q.set_defaults(func=cmd_quantize)
 
     args = parser.parse_args(argv)
     return _run(args)
+
+
+def console_main() -> int:
+    """Entry point of the ``fidelityquant`` console script (pyproject.toml [project.scripts])."""
+    return main(prog="fidelityquant")
 
 
 if __name__ == "__main__":

@@ -114,3 +114,15 @@ def test_the_calibrate_node_names_the_layer_holding_nan(env):
         env["nodes"].CalibrateAndQuantize().run(**{**env["args"], "model": model})
     env["comfy"].model_management.unload_all_models()
     assert weights_digest(model.model.diffusion_model) == before
+
+
+def test_the_bits_budget_widget_allows_only_what_the_engine_accepts(env):
+    """ComfyUI clamps a widget to its min/max, so the widget's range must lie inside the engine's (4, 16]."""
+    from quant_core.config import preset
+
+    spec = env["nodes"].CALIBRATE.inputs()
+    options = next(opts for name, _, opts in spec if name == "bits_budget")
+    for value in (options["min"], options["default"], options["max"]):
+        assert preset("W4A8-mixed", bits_budget=value).bits_budget == value
+    with pytest.raises(ValueError, match="must lie in"):
+        preset("W4A8-mixed", bits_budget=options["min"] - options["step"])

@@ -200,7 +200,7 @@ def load_diffusers_pipeline(path: str, device="cpu", dtype=torch.float32):
         raise FileNotFoundError(f"diffusers model folder not found: {str(path)!r}")
     if not folder.is_dir():
         raise ValueError(f"{str(path)!r} is a file; expected a diffusers pipeline folder containing model_index.json "
-                         f"(single-file checkpoints are not supported: convert them to diffusers format first)")
+                         f"(a single-file .safetensors checkpoint loads with single_file.load_single_file_pipeline)")
     index = folder / "model_index.json"
     if not index.is_file():
         found = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
