@@ -157,3 +157,25 @@ def test_cancel_during_the_consistency_pass_with_its_evaluation_leaves_the_model
     leaves no hook on the float model or its modules, and its weights unchanged."""
     # one capture pass, so the second pass is the consistency pass
     _cancel_inside_second_pass_leaves_model_untouched(sd1, preset("W8A8", workers=1))
+
+
+class _InferenceModeRunner:
+    """The sampler of a host that samples under ``torch.inference_mode()`` (Forge does)."""
+
+    def __init__(self, runner):
+        self.runner, self.steps, self.total_unet_calls = runner, runner.steps, runner.total_unet_calls
+
+    def __call__(self, unet):
+        with torch.inference_mode():
+            return self.runner(unet)
+
+
+def test_calibration_sampled_under_inference_mode_keeps_error_compensated_rounding(sd1):
+    """Gram sums made inside inference mode are normal tensors: the fit (outside it) normalizes them in place."""
+    unet, runner = sd1
+    fast = dict(workers=1, evaluate=False, consistency_pass=False)
+    plain = quantize(unet, runner, preset("W4A8", **fast))
+    inference = quantize(unet, _InferenceModeRunner(runner), preset("W4A8", **fast))
+    assert rounding_coverage(inference.report) == 1.0
+    for name, state in plain.layers.items():
+        assert torch.equal(state.tensors["weight"], inference.layers[name].tensors["weight"]), name

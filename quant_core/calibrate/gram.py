@@ -83,7 +83,10 @@ class GramAccumulator:
         x = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
         self.pending, self.pending_rows = [], 0
         if self.sums is None:
-            self.sums = [torch.zeros(e - s, e - s, device=x.device) for s, e in self.bounds]
+            # Normal tensors even when the host samples under torch.inference_mode() (Forge): blocks()
+            # divides them in place later, outside it, which inference tensors refuse.
+            with torch.inference_mode(False):
+                self.sums = [torch.zeros(e - s, e - s, device=x.device) for s, e in self.bounds]
         for (start, end), acc in zip(self.bounds, self.sums):
             part = x[:, start:end]
             acc.addmm_(part.t(), part)
