@@ -256,3 +256,31 @@ def test_psnr_ssim_known_values():
     assert bool((s_noisy < 0.9).all()) and bool((s_noisy < s_shift).all())  # structure loss < brightness shift
     with pytest.raises(ValueError, match="same shape"):
         metrics.psnr(a, a[:, :, :16])
+
+
+def test_memory_gate_lets_large_fit_jobs_take_turns_and_small_ones_overlap():
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from quant_core.calibrate.host_memory import MemoryGate
+
+    gate, lock = MemoryGate(1000), threading.Lock()
+    state = {"now": 0, "peak": 0}
+
+    def job(nbytes):
+        with gate.hold(nbytes):
+            with lock:
+                state["now"] += nbytes
+                state["peak"] = max(state["peak"], state["now"])
+            time.sleep(0.02)
+            with lock:
+                state["now"] -= nbytes
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(job, [600, 600, 1500, 600]))  # each pair of these exceeds the budget
+    assert state["peak"] == 1500  # the oversized job ran, alone
+    state.update(now=0, peak=0)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(job, [300] * 8))
+    assert 600 <= state["peak"] <= 900  # small jobs overlap, never past the budget

@@ -21,12 +21,20 @@ import torch
 
 from ..runtime import formats, kernels
 from . import rounding
+from .host_memory import MemoryGate, release_freed_memory
 
 WEIGHT_CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 # Error-compensated rounding tolerates outliers better, so it needs fewer (and milder) clip ratios.
 GPTQ_CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
 ACT_CLIP_CANDIDATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 ACT_QMAX = kernels.ACT_QMAX
+# Temporaries of the layers fitted at once (see fit_transient_bytes): SD1.5's largest layers take turns.
+FIT_TRANSIENT_BYTES = 1 << 30
+
+
+def fit_transient_bytes(weight: torch.Tensor) -> int:
+    """Rough peak temporaries of fitting one layer: candidate codes (1 byte each), a few float32 copies."""
+    return weight.numel() * (len(GPTQ_CLIP_CANDIDATES) + 4 * 4)
 
 
 def fake_quant_weight(w2d: torch.Tensor, bits: int, group_size: int, clip=None, per_tensor=False) -> torch.Tensor:
@@ -164,19 +172,23 @@ def fit_all(weights: dict, captures: dict, step_groups: list, bits_options: tupl
 
     Each layer's seed derives from its name, so results do not depend on order or thread timing.
     ``check_cancel()`` runs before each layer (raising from it cancels: the remaining jobs stop at once).
-    ``grams`` (name -> GramAccumulator) drive error-compensated rounding; each is dropped from the dict
-    once its layer is fitted, so the memory they hold shrinks as the fit proceeds.
+    ``grams`` (name -> GramAccumulator) drive error-compensated rounding; each is taken out of the dict
+    when its layer starts and freed (pages returned to the OS) when it is fitted, so memory falls as the fit proceeds.
     """
     grams = {} if grams is None else grams
+
+    gate = MemoryGate(FIT_TRANSIENT_BYTES)
 
     def job(name):
         if check_cancel is not None:
             check_cancel()
         seed = cfg.seed + _stable_hash(name)
-        rounder, reason = rounding_plan(grams.get(name), cfg)
-        fits = {bits: fit_layer(weights[name], captures[name], step_groups, bits, cfg, seed, rounder)
-                for bits in bits_options}
-        grams.pop(name, None)
+        with gate.hold(fit_transient_bytes(weights[name])):
+            rounder, reason = rounding_plan(grams.pop(name, None), cfg)
+            fits = {bits: fit_layer(weights[name], captures[name], step_groups, bits, cfg, seed, rounder)
+                    for bits in bits_options}
+            del rounder  # this layer's Gram blocks and their factors: give the pages back before the next layer
+            release_freed_memory()
         for fit in fits.values():
             fit.fallback_reason = reason
         return name, fits

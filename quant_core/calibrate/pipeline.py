@@ -39,6 +39,7 @@ from . import capture as capture_mod
 from . import gram
 from .evaluate import UNetErrorMonitor, evaluate_unet_error
 from .fitting import fit_all, refit_act_scales
+from .host_memory import release_freed_memory
 from .planner import FLOAT_BITS, average_bits, plan_precision, plan_random
 from .timegroups import plan_groups
 
@@ -147,6 +148,7 @@ def quantize(unet: nn.Module, runner, config: QuantConfig | str | None = None, p
         fits.update(fit_all({n: weights[n] for n in todo}, cap.layers, step_groups, bits_options, cfg,
                             phases.check_cancel, grams))
         del grams
+        release_freed_memory()
         timings["fit_s"] += time.perf_counter() - start
 
     # 4. mixed precision plan
@@ -159,13 +161,15 @@ def quantize(unet: nn.Module, runner, config: QuantConfig | str | None = None, p
         plan = {n: cfg.weight_bits for n in layers}
     chosen = {n: fits[n][plan[n]] for n in layers if plan[n] != FLOAT_BITS}
     states = {n: layer_state(layers[n], fit, cfg) for n, fit in chosen.items()}
+    layer_reports = {n: _layer_report(plan[n], chosen.get(n), sizes[n]) for n in layers}
+    del fits, chosen  # the states hold copies of the chosen weights; the other precisions are not needed
 
     report = {
         "family": adapter.layout, "variant": adapter.sd_version,
         "timesteps": cap.timesteps, "groups": step_groups,
         "capture_bytes": cap.bytes, "unet_calls_per_run": cap.unet_calls,
         "average_weight_bits": average_bits(plan, sizes),
-        "layers": {n: _layer_report(plan[n], chosen.get(n), sizes[n]) for n in layers},
+        "layers": layer_reports,
         "timings": timings,
         "gram": {"passes": len(passes), "block": cfg.gram_block, "bytes_per_pass":
                  [sum(gram.gram_bytes(capture_mod._reduce_dim(layers[n]), cfg.gram_block, _taps(layers[n]))
@@ -176,6 +180,7 @@ def quantize(unet: nn.Module, runner, config: QuantConfig | str | None = None, p
     calibration = Calibration(adapter.layout, adapter.sd_version, cfg, fingerprint(base_layers), states,
                               step_groups, time_keys, time_tables, plan)
     del cap  # the captured rows are no longer needed: free them before the next sampling pass
+    release_freed_memory()
 
     # 5. consistency pass on the quantized model's own trajectory: new activation scales; the evaluation
     #    (6.) rides along, comparing each quantized call with the float UNet on the same inputs
@@ -186,9 +191,11 @@ def quantize(unet: nn.Module, runner, config: QuantConfig | str | None = None, p
         with monitor:
             qcap = _capture(qmodel, {n: qmodel.get_submodule(n) for n in states}, runner, adapter, cfg,
                             phases.phase(), cfg.seed + 1)
-        refit = refit_act_scales({n: weights[n] for n in states}, {n: fit.weight for n, fit in chosen.items()},
-                                 qcap.layers, step_groups, cfg, phases.check_cancel)
-        del qmodel, qcap
+        quant_weights = {n: qmodel.get_submodule(n).weight_value() for n in states}  # shares the states' tensors
+        refit = refit_act_scales({n: weights[n] for n in states}, quant_weights, qcap.layers, step_groups, cfg,
+                                 phases.check_cancel)
+        del qmodel, qcap, quant_weights
+        release_freed_memory()
         for name, (_, error) in refit.items():
             report["layers"][name]["error_consistency"] = error
         timings["consistency_s"] = time.perf_counter() - start
