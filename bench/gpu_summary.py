@@ -43,7 +43,8 @@ def _unet(data: dict) -> str:
     parts = []
     for r in data.get("records", []):
         ratio = r.get(f"speedup_vs_{half}")
-        parts.append(f"{r['mode']} {r['s_per_step']:.3f} s/step" + (f" ({ratio:.2f}x {half})" if ratio else ""))
+        compiled = f", {r.get('speedup_vs_eager', float('nan')):.2f}x eager, compile {r['compile_s']:.0f} s" if r.get("compiled") else ""
+        parts.append(f"{r['mode']} {r['s_per_step']:.3f} s/step" + (f" ({ratio:.2f}x {half}{compiled})" if ratio else ""))
     return f"{meta.get('arch')} {meta.get('res')}px: " + "; ".join(parts)
 
 

@@ -1,7 +1,7 @@
 """Whole-UNet speed and memory: fp32, bf16 (fp16 on CUDA), W8A8 and W4A8 side by side in one run.
 
     python bench/unet.py [--arch sd15|sdxl] [--res 256|512|1024] [--device cpu|cuda] [--json PATH]
-                         [--checkpoint DIFFUSERS_FOLDER] [--rounds 5]
+                         [--checkpoint DIFFUSERS_FOLDER] [--rounds 5] [--compile [--compile-backend inductor]]
 
 Builds the full-size UNet from its diffusers config with seeded random weights (or loads the UNet of
 a user's diffusers folder with --checkpoint), quantizes it (calibration on a few random-input steps:
@@ -17,6 +17,22 @@ Memory: `weight_mb` = bytes of every UNet tensor as held at run time (for quanti
 scales + the remaining float tensors; the CPU oneDNN conv path also keeps a prepacked int8 copy,
 counted separately as `prepacked_mb`). `step_peak_mb`: CUDA: torch.cuda.max_memory_allocated during
 the step minus before; CPU: peak RSS growth during the step, sampled every millisecond (approximate).
+Compiled rows (`--compile`): `fp32-compiled`, `bf16-compiled` (`fp16-compiled` on CUDA), `w8a8-compiled`
+and `w4a8-compiled` are ``torch.compile`` (Inductor by default; it needs a C++ compiler on CPU) of the same
+module objects as the eager `fp32`, `bf16`, `w8a8`, `w4a8` rows (no second copy of the weights), timed in the
+same round-robin. The first call compiles: `first_call_s` is its wall time and `compile_s` = first call - the
+second (warm) call, so compile time stays out of `s_per_step`. `speedup_vs_eager` pairs each compiled mode
+with its eager mode round by round, and compiled rows also get `speedup_vs_bf16-compiled` (CUDA: fp16).
+`graphs`, `graph_breaks` (+ `graph_break_reasons`), `recompiles` are torch._dynamo's counters while that mode
+ran (graphs > 1 or any break means the model was split; recompiles should stay 0); the counters are
+process-wide, so a break in code shared with a mode compiled earlier (the runtime's per-call hooks) shows
+under that earlier mode only. Inductor's compile of even the tiny arch took 20-190 s per mode on the shared
+2-core machine (its kernel cache in /tmp/torchinductor_$USER makes reruns faster). Full-size runs (quiet
+machine; expect minutes of compiling per mode):
+
+    .venv/bin/python bench/unet.py --arch sd15 --res 256 --compile --rounds 5 --json bench/out/unet-sd15-256-compile.json
+    .venv/bin/python bench/unet.py --arch sd15 --res 512 --compile --rounds 3 --json bench/out/unet-sd15-512-compile.json
+
 `faults_per_step`: minor page faults per step (glibc handing large buffers back to the OS makes some
 steps re-fault every call; this script re-executes itself with MALLOC_MMAP_THRESHOLD_ /
 MALLOC_TRIM_THRESHOLD_ set unless --no-malloc-tuning).
@@ -24,6 +40,7 @@ MALLOC_TRIM_THRESHOLD_ set unless --no-malloc-tuning).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -172,6 +189,61 @@ def time_step(model, inputs, device) -> dict:
     return {"s": elapsed, "peak": rss.growth, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
 
 
+def paired(ref: list, mode: list) -> float:
+    """Median over rounds of ref's step time / mode's step time (both timed in the same round)."""
+    return statistics.median(a["s"] / b["s"] for a, b in zip(ref, mode))
+
+
+class DynamoCounts:
+    """Accumulates torch._dynamo's graph / graph-break / recompile counters over the blocks it wraps, and the
+    graph-break reasons (first line of each, with counts). The counters are process-wide and Dynamo traces a
+    piece of code once per guard set: a break in code shared with a mode compiled earlier (e.g. the runtime's
+    per-call hooks) is counted under that earlier mode only."""
+
+    def __init__(self):
+        self.totals = {"graphs": 0, "graph_breaks": 0, "recompiles": 0, "graph_break_reasons": {}}
+
+    @staticmethod
+    def _read() -> dict:
+        from torch._dynamo.utils import counters
+
+        return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": dict(counters["graph_break"]),
+                "recompiles": sum(counters["recompiles"].values())}
+
+    def __enter__(self):
+        self.before = self._read()
+        return self
+
+    def __exit__(self, *exc):
+        after = self._read()
+        self.totals["graphs"] += after["graphs"] - self.before["graphs"]
+        self.totals["recompiles"] += after["recompiles"] - self.before["recompiles"]
+        reasons = self.totals["graph_break_reasons"]
+        for reason, count in after["graph_breaks"].items():
+            new = count - self.before["graph_breaks"].get(reason, 0)
+            if new:
+                key = reason.strip().splitlines()[0][:200]
+                reasons[key] = reasons.get(key, 0) + new
+                self.totals["graph_breaks"] += new
+
+
+def compile_targets(by: dict, half_name: str) -> list:
+    """Issue 12 item 6 (CPU, SD1.5 256 px): compiled W8A8 >= 1.15x eager W8A8 and >= 1.5x compiled bf16;
+    compiled W4A8 step time within 10% of compiled W8A8."""
+    out = []
+    w8, w4, half = by.get("w8a8-compiled"), by.get("w4a8-compiled"), f"{half_name}-compiled"
+    if w8 and "speedup_vs_eager" in w8:
+        v = w8["speedup_vs_eager"]
+        out.append(("PASS" if v >= 1.15 else "FAIL", f"w8a8-compiled {v:.2f}x eager w8a8 (target >= 1.15)"))
+    if w8 and f"speedup_vs_{half}" in w8:
+        v = w8[f"speedup_vs_{half}"]
+        out.append(("PASS" if v >= 1.5 else "FAIL", f"w8a8-compiled {v:.2f}x {half} (target >= 1.5)"))
+    if w8 and w4:
+        v = w4["s_per_step"] / w8["s_per_step"]
+        out.append(("PASS" if v <= 1.10 else "FAIL", f"w4a8-compiled step time {v:.2f}x w8a8-compiled (target <= 1.10)"))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
@@ -184,6 +256,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="")
     parser.add_argument("--no-malloc-tuning", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (MODE-compiled) for fp32, "
+                                                               "bf16/fp16, w8a8, w4a8")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a cheap "
+                                                                        "trace-only check)")
     args = parser.parse_args(argv)
     if args.device == "cpu" and not args.no_malloc_tuning and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         os.execve(sys.executable, [sys.executable, __file__] + (argv if argv is not None else sys.argv[1:]),
@@ -195,6 +271,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     half = torch.float16 if device.type == "cuda" else torch.bfloat16
     half_name = "fp16" if device.type == "cuda" else "bf16"
+    from bench.kernels import cpu_flags, cpu_model
+
     json_path = args.json or str(REPO / "bench" / "out" / f"unet-{args.arch}-{args.res}-{args.device}.json")
 
     print(f"building {args.arch} UNet ({'checkpoint ' + args.checkpoint if args.checkpoint else 'seeded random weights'})",
@@ -219,6 +297,10 @@ def main(argv=None) -> int:
             models[name], act_dtype[name] = result.apply(unet), torch.float32
             models[f"{name}-bf16act"], act_dtype[f"{name}-bf16act"] = result.apply(models[half_name]), half
         print(f"quantized {name}: {len(result.layers)} layers in {quant_info[name]['calib_s']:.1f} s", flush=True)
+    if args.compile:
+        for name in ("fp32", half_name, "w8a8", "w4a8"):  # the same modules: compile shares their weights
+            models[f"{name}-compiled"] = torch.compile(models[name], backend=args.compile_backend)
+            act_dtype[f"{name}-compiled"] = act_dtype[name]
     if args.modes:
         wanted = [m.strip() for m in args.modes.split(",")]
         unknown = set(wanted) - set(models)
@@ -227,14 +309,21 @@ def main(argv=None) -> int:
         models = {m: models[m] for m in wanted}
 
     inputs = {name: unet_inputs(unet, args.res, device, act_dtype[name], args.seed + 100) for name in models}
-    for name, model in models.items():  # warm-up: backend choice, oneDNN prepack, allocator
-        time_step(model, inputs[name], device)
-        time_step(model, inputs[name], device)
+    dynamo = {name: DynamoCounts() for name in models if name.endswith("-compiled")}
+    compile_info = {}
+    for name, model in models.items():  # warm-up: backend choice, oneDNN prepack, allocator; compiled: compile
+        with dynamo.get(name, contextlib.nullcontext()):
+            first, second = time_step(model, inputs[name], device), time_step(model, inputs[name], device)
+        if name in dynamo:
+            compile_info[name] = {"first_call_s": first["s"], "compile_s": first["s"] - second["s"]}
+            print(f"compiled {name} ({args.compile_backend}): first call {first['s']:.1f} s, "
+                  f"compile ~{compile_info[name]['compile_s']:.1f} s", flush=True)
     samples = {name: [] for name in models}
     for r in range(args.rounds):
         order = list(models) if r % 2 == 0 else list(reversed(models))
         for name in order:
-            samples[name].append(time_step(models[name], inputs[name], device))
+            with dynamo.get(name, contextlib.nullcontext()):
+                samples[name].append(time_step(models[name], inputs[name], device))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {samples[n][-1]['s']:.2f}s" for n in models), flush=True)
 
     fp16_bytes = params * 2
@@ -246,14 +335,20 @@ def main(argv=None) -> int:
                         "weight_mb": weight / 1e6, "weight_vs_fp16": weight / fp16_bytes, "prepacked_mb": prepacked / 1e6,
                         "step_peak_mb": max(s["peak"] for s in samples[name]) / 1e6,
                         "faults_per_step": statistics.median(s["faults"] for s in samples[name]),
-                        **quant_info.get(name.replace("-bf16act", ""), {})})
+                        **quant_info.get(name.replace("-bf16act", "").replace("-compiled", ""), {})})
+        if name in dynamo:
+            records[-1].update(compiled=True, compile_backend=args.compile_backend, **compile_info[name],
+                               **dynamo[name].totals)
     by = {r["mode"]: r for r in records}
     for r in records:
         # paired ratios: per round, this mode's step against fp32's / the half-precision model's, then the median
-        for ref in ("fp32", half_name):
+        refs = ["fp32", half_name] + ([f"{half_name}-compiled"] if r["mode"].endswith("-compiled") else [])
+        for ref in refs:
             if ref in samples and r["mode"] in samples:
-                r[f"speedup_vs_{ref}"] = statistics.median(
-                    a["s"] / b["s"] for a, b in zip(samples[ref], samples[r["mode"]]))
+                r[f"speedup_vs_{ref}"] = paired(samples[ref], samples[r["mode"]])
+        eager = r["mode"].replace("-compiled", "")
+        if eager != r["mode"] and eager in samples:
+            r["speedup_vs_eager"] = paired(samples[eager], samples[r["mode"]])
     targets = []
     if args.device == "cpu" and args.arch == "sd15" and args.res == 256:
         for mode in ("w8a8", "w8a8-bf16act"):
@@ -266,6 +361,7 @@ def main(argv=None) -> int:
             if w4 in by and w8 in by:
                 ratio = by[w4]["s_per_step"] / by[w8]["s_per_step"]
                 targets.append(("PASS" if ratio <= 1.15 else "FAIL", f"{w4} step time {ratio:.2f}x {w8} (target <= 1.15)"))
+        targets += compile_targets(by, half_name)
     for mode, limit in (("w8a8", 0.52), ("w4a8", 0.30)):
         # against fp16 bytes, count the UNet as deployed at 16-bit: on CPU that is the -bf16act model
         # (its float remainder -- norms, conv_in/out, time MLP -- is bf16; the fp32-activation model keeps it fp32)
@@ -276,17 +372,24 @@ def main(argv=None) -> int:
 
     print(f"\n{args.arch} {args.res}px, CFG batch 2, {args.device}, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} rounds")
-    print(f"{'mode':<14}{'s/step':>8}{'x fp32':>8}{'x ' + half_name:>8}{'weight MB':>11}{'x fp16 B':>9}"
+    print(f"{'mode':<15}{'s/step':>8}{'x fp32':>8}{'x ' + half_name:>8}{'weight MB':>11}{'x fp16 B':>9}"
           f"{'prepack MB':>11}{'step peak MB':>13}{'faults':>8}")
     for r in records:
-        print(f"{r['mode']:<14}{r['s_per_step']:>8.3f}{r.get('speedup_vs_fp32', float('nan')):>8.2f}"
+        print(f"{r['mode']:<15}{r['s_per_step']:>8.3f}{r.get('speedup_vs_fp32', float('nan')):>8.2f}"
               f"{r.get('speedup_vs_' + half_name, float('nan')):>8.2f}{r['weight_mb']:>11.1f}{r['weight_vs_fp16']:>9.3f}"
               f"{r['prepacked_mb']:>11.1f}{r['step_peak_mb']:>13.1f}{r['faults_per_step']:>8.0f}")
+    for r in records:
+        if r.get("compiled"):
+            print(f"{r['mode']}: compile {r['compile_s']:.1f} s (first call {r['first_call_s']:.1f} s), "
+                  f"{r.get('speedup_vs_eager', float('nan')):.2f}x eager, graphs {r['graphs']}, "
+                  f"breaks {r['graph_breaks']}, recompiles {r['recompiles']}")
     for status, text in targets:
         print(f"{status}: {text}")
     meta = {"arch": args.arch, "res": args.res, "device": args.device, "checkpoint": args.checkpoint or None,
             "params": params, "rounds": args.rounds, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "compile": args.compile,
+            "compile_backend": args.compile_backend if args.compile else None,
             "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python bench/unet.py " + " ".join(argv if argv is not None else sys.argv[1:])}

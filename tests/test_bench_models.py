@@ -3,8 +3,11 @@ JSON the issue specifies. Fidelity and speed figures are never asserted here (be
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,3 +64,40 @@ def test_unet_benchmark_json(tmp_path):
     # quantized modes really hold fewer weight bytes than the float model
     assert modes["w4a8"]["weight_mb"] < modes["w8a8"]["weight_mb"] < modes["bf16"]["weight_mb"] < modes["fp32"]["weight_mb"]
     assert {t["status"] for t in data["targets"]} <= {"PASS", "FAIL"}
+
+
+def _compiled_run(tmp_path, backend: str, modes: str) -> dict:
+    out = tmp_path / "unet.json"
+    assert _load("unet").main(["--arch", "tiny", "--res", "64", "--rounds", "2", "--json", str(out), "--no-malloc-tuning",
+                               "--compile", "--compile-backend", backend, "--modes", modes]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["compile"] is True and data["meta"]["compile_backend"] == backend
+    assert data["meta"]["cpu_model"] and isinstance(data["meta"]["cpu_flags"], list)
+    return {r["mode"]: r for r in data["records"]}
+
+
+def test_unet_benchmark_compiled_rows(tmp_path):
+    """--compile adds MODE-compiled rows beside the eager ones, timed in the same rounds, with compile time
+    apart. Traced with aot_eager (Dynamo + AOTAutograd, no code generation: seconds, not minutes)."""
+    eager = ["fp32", "bf16", "w8a8", "w4a8"]
+    modes = _compiled_run(tmp_path, "aot_eager", ",".join(eager + [m + "-compiled" for m in eager]))
+    assert set(modes) == set(eager) | {m + "-compiled" for m in eager}
+    for name in eager:
+        r, c = modes[name], modes[name + "-compiled"]
+        assert "compiled" not in r and c["compiled"] is True and c["compile_backend"] == "aot_eager"
+        assert c["s_per_step"] > 0 and c["first_call_s"] > 0 and math.isfinite(c["compile_s"])
+        assert c["speedup_vs_eager"] > 0 and c["speedup_vs_bf16-compiled"] > 0 and c["speedup_vs_fp32"] > 0
+        assert c["weight_mb"] == r["weight_mb"]  # the compiled module is the eager one: no second copy
+        assert c["recompiles"] == 0, c  # same inputs every call: the rounds must not re-trace
+        assert c["graph_breaks"] == sum(c["graph_break_reasons"].values())
+    assert modes["fp32-compiled"]["graphs"] == 1 and modes["fp32-compiled"]["graph_breaks"] == 0  # diffusers' UNet is one graph
+    assert modes["w8a8-compiled"]["graphs"] >= 1 and modes["w8a8-compiled"]["calib_s"] == modes["w8a8"]["calib_s"]
+
+
+@pytest.mark.skipif(os.environ.get("FIDELITYQUANT_SLOW_TESTS") != "1",
+                    reason="Inductor compiles C++ (minutes for the tiny UNet on a shared 2-core machine); "
+                           "set FIDELITYQUANT_SLOW_TESTS=1")
+def test_unet_benchmark_inductor_rows(tmp_path):
+    modes = _compiled_run(tmp_path, "inductor", "w8a8,w8a8-compiled")
+    assert modes["w8a8-compiled"]["s_per_step"] > 0 and modes["w8a8-compiled"]["compile_s"] > 0
+    assert modes["w8a8-compiled"]["recompiles"] == 0
