@@ -70,13 +70,14 @@ class ComfyWeightProtocol(PatchableWeight):
     def patch_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Apply ComfyUI's run-time weight functions (low-VRAM LoRA patches, weight wrappers) to ``codes``."""
         for fn in self.weight_function:
-            if hasattr(fn, "patches") and hasattr(fn, "convert_func"):
-                self._returned_scale = None
-                codes = fn(codes)  # LowVramPatch: takes stored codes, calls our convert/set itself
-                returned = self._returned_scale
-                if returned is not None and returned[0] is codes:  # the patch grew some rows (restored after the call)
-                    self._buffers["weight_scale"] = returned[1].to(codes.device)
-                self._returned_scale = None
+            if hasattr(fn, "patches") and hasattr(fn, "key"):
+                # ComfyUI's LowVramPatch. In 0.3.64 it converts the stored codes and calls set_weight itself;
+                # in 0.8.0 it takes and returns a float weight (the caller converts). A copy built without
+                # convert/set functions takes a float weight in both; the requantization is ours.
+                patched = type(fn)(fn.key, fn.patches)(self.float_weight(codes))
+                codes, scale = self.merge(patched)
+                if scale is not self.calibrated_weight_scale():  # the patch grew some rows (restored after the call)
+                    self._buffers["weight_scale"] = scale.to(codes.device)
             else:  # a plain weight wrapper expects and returns a float weight
                 value = self.weight_value(codes)
                 patched = fn(value.dequantize().view(self.weight_shape))

@@ -64,14 +64,25 @@ def _lora_delta(weight, rank=16, seed=1, size=0.3):
 
 
 class FakeLowVramPatch:
-    """ComfyUI's LowVramPatch contract (comfy/model_patcher.py:125): codes in, codes out via convert/set."""
+    """ComfyUI 0.3.64's LowVramPatch (comfy/model_patcher.py:125), built as (key, patches, convert_func,
+    set_func): with convert/set functions it takes the stored codes and returns codes; without, a float weight."""
 
-    def __init__(self, delta, convert_func, set_func):
-        self.patches, self.convert_func, self.set_func, self.delta = {}, convert_func, set_func, delta
+    def __init__(self, key, patches, convert_func=None, set_func=None):
+        self.key, self.patches, self.convert_func, self.set_func = key, patches, convert_func, set_func
 
-    def __call__(self, codes):
-        weight = self.convert_func(codes.to(torch.float32, copy=True), inplace=True)
-        return self.set_func(weight + self.delta, seed=0, return_weight=True)
+    def __call__(self, weight):
+        if self.convert_func is None:
+            return weight + self.patches[self.key]
+        weight = self.convert_func(weight.to(torch.float32, copy=True), inplace=True)
+        return self.set_func(weight + self.patches[self.key], seed=0, return_weight=True)
+
+
+class FakeLowVramPatch080(FakeLowVramPatch):
+    """ComfyUI 0.8.0's LowVramPatch (comfy/model_patcher.py:126): float weight in, float weight out, always
+    (cast_bias_weight converts first; convert/set are kept but unused)."""
+
+    def __call__(self, weight):
+        return weight + self.patches[self.key]
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -161,13 +172,15 @@ def test_repeated_patch_unpatch_with_changing_strengths_is_bit_identical(bits):
     assert not torch.equal(outs[1.0], outs[-1.0]) and not torch.equal(outs[1.0], base_out)
 
 
+@pytest.mark.parametrize("patch_kind", [FakeLowVramPatch, FakeLowVramPatch080])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_low_vram_weight_function_matches_merging(bits):
-    """Low-VRAM mode: the patch runs per call on temporary codes; same result as merging, codes untouched."""
+def test_low_vram_weight_function_matches_merging(bits, patch_kind):
+    """Low-VRAM mode: the patch runs per call on temporary codes; same result as merging, codes untouched.
+    Both ComfyUI versions' LowVramPatch contracts."""
     flt, q, x = _layer("linear", bits)
     delta = _lora_delta(flt.weight.detach())
     original = q.weight.detach().clone()
-    q.weight_function = [FakeLowVramPatch(delta, q.convert_weight, q.set_weight)]
+    q.weight_function = [patch_kind("w", {"w": delta}, q.convert_weight, q.set_weight)]
     bias_delta = torch.randn(q.bias.shape) * 0.1
     q.bias_function = [lambda b: b + bias_delta]
     low_vram = q(x)
