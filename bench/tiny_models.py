@@ -119,14 +119,20 @@ def load_comfy_sd15(seed: int = 0, levels: int = 1, image_size: int = 32, model_
 
 
 class FakeClip:
-    """Stand-in for ComfyUI's CLIP: a prompt maps to a fixed seeded (1, 77, 768) embedding (zeros for "").
+    """Stand-in for ComfyUI's CLIP: a prompt maps to a fixed seeded (1, 77, ``width``) embedding (zeros for "").
 
-    Text encoding is ComfyUI's business, and a real CLIP-L would dominate a test's or benchmark's run time.
+    ``pooled``: also a seeded (1, pooled) ``pooled_output`` (SDXL's ADM input: 1280 for CLIP-G). Text
+    encoding is ComfyUI's business, and a real CLIP-L would dominate a test's or benchmark's run time.
     """
+
+    def __init__(self, width: int = 768, pooled: int | None = None):
+        self.width, self.pooled = width, pooled
 
     def tokenize(self, text):
         return text
 
     def encode_from_tokens_scheduled(self, tokens):
         gen = torch.Generator().manual_seed(sum(map(ord, tokens)) + 1)
-        return [[torch.randn(1, 77, 768, generator=gen) * (0 if not tokens else 1), {}]]
+        scale = 0 if not tokens else 1
+        extra = {} if self.pooled is None else {"pooled_output": torch.randn(1, self.pooled, generator=gen) * scale}
+        return [[torch.randn(1, 77, self.width, generator=gen) * scale, extra]]

@@ -20,7 +20,9 @@ from quant_core import metrics
 from quant_core.artifact import MissingDigestWarning, describe, load_result
 from quant_core.calibration import Calibration
 from quant_core.config import preset as make_preset
+from quant_core.models.adapters import detect_adapter
 
+from .host_model import check_weight_formats, host_model_line
 from .inputs import check_calibrate_inputs, resolve_load, save_numbered
 from .patching import ComfySamplerRunner, diffusion_model_of, quantized_model, runtime_for, unload_clones_of
 
@@ -97,9 +99,10 @@ def calibrate_and_quantize(model, clip, prompts, negative, steps, cfg, sampler_n
     with outside_inference_mode():
         unet = pristine_unet(model)
         check_finite_weights(unet)  # ComfyUI casts weights per layer, so mixed dtypes are fine here
+        check_weight_formats(unet, detect_adapter(unet).quantizable_layers(unet))
         calibration = quantize(unet, runner, make_preset(preset, **options), progress=progress)
         patched = quantized_model(model, calibration)
-        return patched, calibration, calibration.summary() + kernel_line(model, calibration)
+        return patched, calibration, calibration.summary() + host_model_line(model) + kernel_line(model, calibration)
 
 
 def save_quantized(quant_result, filename) -> str:
@@ -123,8 +126,10 @@ def load_quantized(model, file):
     path = resolve_load(folder_paths.get_folder_paths(FOLDER), file)
     with outside_inference_mode(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MissingDigestWarning)
-        calibration = load_result(path, unet_as_run_by(model))
-        report = describe(calibration)
+        unet = unet_as_run_by(model)
+        check_weight_formats(unet, detect_adapter(unet).quantizable_layers(unet))
+        calibration = load_result(path, unet)
+        report = describe(calibration) + host_model_line(model)
         if any(issubclass(w.category, MissingDigestWarning) for w in caught):
             report += ("\nnote: this file has no integrity digest (saved by FidelityQuant 0.1.0), so its data were "
                        "not checked for damage; save it again to add one")
