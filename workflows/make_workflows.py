@@ -23,6 +23,8 @@ DEFAULT_PROMPTS = (HERE.parent / "nodes" / "default_prompts.txt").read_text().st
 SIGNATURES = {
     "CheckpointLoaderSimple": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
     "CLIPTextEncode": ([("clip", "CLIP")], ["text"], [("CONDITIONING", "CONDITIONING")]),
+    "CLIPTextEncodeSDXL": ([("clip", "CLIP")], ["width", "height", "crop_w", "crop_h", "target_width", "target_height",
+                                                "text_g", "text_l"], [("CONDITIONING", "CONDITIONING")]),
     "EmptyLatentImage": ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")]),
     "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                   ("latent_image", "LATENT")],
@@ -44,6 +46,7 @@ SIGNATURES = {
 UI_ONLY_WIDGETS = {"control_after_generate"}  # front-end state, not a node input
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 SAMPLING = {"seed": 42, "control_after_generate": "fixed", "steps": 20, "cfg": 7.0, "sampler_name": "euler",
             "scheduler": "normal", "denoise": 1.0}
 CALIBRATION = {"prompts": DEFAULT_PROMPTS, "negative": "blurry, low quality", "steps": 20, "cfg": 7.0,
@@ -68,14 +71,25 @@ def _prompt_nodes(first_id: int, clip_from: int, x: int, y: int) -> list:
                   {"width": 512, "height": 512, "batch_size": 1})]
 
 
-GRAPHS = {
-    # (1) checkpoint -> Calibrate & Quantize -> KSampler, the float model sampled beside it on the same
-    # seed, both decoded, compared, saved, and the difference previewed.
-    "1_calibrate_and_compare": [
-        _node(1, "CheckpointLoaderSimple", [0, 300], [315, 98], {"ckpt_name": CHECKPOINT}),
-        *_prompt_nodes(2, 1, 380, 0),
-        _node(5, "FidelityQuantCalibrate", [380, 560], [420, 620], dict(CALIBRATION),
-              {"model": (1, 0), "clip": (1, 1)}),
+def _sdxl_prompt_nodes(first_id: int, clip_from: int, x: int, y: int) -> list:
+    """SDXL's text encode with its size / crop conditioning (the ADM input) and a 1024x1024 latent."""
+    size = {"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_width": 1024, "target_height": 1024}
+    return [_node(first_id, "CLIPTextEncodeSDXL", [x, y], [400, 270], {**size, "text_g": POSITIVE, "text_l": POSITIVE},
+                  {"clip": (clip_from, 1)}, "Positive prompt"),
+            _node(first_id + 1, "CLIPTextEncodeSDXL", [x, y + 310], [400, 270],
+                  {**size, "text_g": NEGATIVE, "text_l": NEGATIVE}, {"clip": (clip_from, 1)}, "Negative prompt"),
+            _node(first_id + 2, "EmptyLatentImage", [x, y + 620], [315, 106],
+                  {"width": 1024, "height": 1024, "batch_size": 1})]
+
+
+def _calibrate_and_compare(checkpoint: str, prompt_nodes: list, calibration: dict) -> list:
+    """Checkpoint -> Calibrate & Quantize -> KSampler, the float model sampled beside it on the same seed,
+    both decoded, compared, saved, and the difference previewed."""
+    y = prompt_nodes[-1]["pos"][1] + 180
+    return [
+        _node(1, "CheckpointLoaderSimple", [0, 300], [315, 98], {"ckpt_name": checkpoint}),
+        *prompt_nodes,
+        _node(5, "FidelityQuantCalibrate", [380, y], [420, 620], calibration, {"model": (1, 0), "clip": (1, 1)}),
         _node(6, "KSampler", [860, 0], [315, 262], dict(SAMPLING),
               {"model": (5, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)},
               "KSampler (quantized)"),
@@ -90,7 +104,12 @@ GRAPHS = {
         _node(12, "SaveImage", [1800, 0], [300, 300], {"filename_prefix": "FidelityQuant/float"},
               {"images": (9, 0)}, "Save (float)"),
         _node(13, "PreviewImage", [1680, 640], [300, 300], {}, {"images": (10, 1)}, "Difference x4"),
-    ],
+    ]
+
+
+GRAPHS = {
+    # (1) SD1.x/2.x: calibrate, sample quantized and float on the same seed, compare.
+    "1_calibrate_and_compare": _calibrate_and_compare(CHECKPOINT, _prompt_nodes(2, 1, 380, 0), dict(CALIBRATION)),
     # (2) checkpoint -> Load Quantized UNet (no calibration) -> KSampler
     "2_load_quantized": [
         _node(1, "CheckpointLoaderSimple", [0, 300], [315, 98], {"ckpt_name": CHECKPOINT}),
@@ -112,6 +131,9 @@ GRAPHS = {
         _node(3, "FidelityQuantSave", [860, 0], [420, 200], {"filename": "fidelityquant"},
               {"quant_result": (2, 1)}),
     ],
+    # (4) workflow 1 for SDXL: CLIPTextEncodeSDXL's size / crop conditioning, 1024x1024, calibrated at 1024x1024.
+    "4_sdxl_calibrate_and_compare": _calibrate_and_compare(SDXL_CHECKPOINT, _sdxl_prompt_nodes(2, 1, 380, 0),
+                                                           dict(CALIBRATION, width=1024, height=1024)),
 }
 
 
