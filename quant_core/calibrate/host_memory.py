@@ -1,4 +1,4 @@
-"""Give memory that calibration has freed back to the operating system.
+"""Host memory during calibration: freed memory goes back to the OS; large fits take turns.
 
 glibc's malloc keeps freed blocks of up to 32 MiB in its heaps once a freed mmapped block has raised its
 dynamic mmap threshold, which the 4 MiB Gram blocks do. Measured on the full SD1.5 UNet (W4A8): after the
@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import platform
 import threading
+from contextlib import contextmanager
 
 _LOCK = threading.Lock()
 _TRIM = None
@@ -43,26 +44,24 @@ def release_freed_memory() -> bool:
 class MemoryGate:
     """Lets jobs run together only while their estimated transient bytes fit ``budget``.
 
-    The weight fit runs layers in a thread pool; two of SD1.5's largest layers fitted at once held
-    ~1.8 GB of temporaries (stacked clip candidates, their codes, dequantized copies). Through the gate
-    small layers still overlap while large ones take turns. A job larger than the budget runs alone.
+    The weight fit runs layers in a thread pool; two of SD1.5's largest layers fitted at once hold an
+    estimated ~1.3 GB of temporaries (``fitting.fit_transient_bytes``: stacked clip candidates, their codes,
+    dequantized copies). Through the gate small layers still overlap while large ones take turns. A job
+    larger than the budget runs alone. (Its effect on the measured peak was not isolated from the trim's.)
     """
 
     def __init__(self, budget: int) -> None:
         self.budget, self.used = budget, 0
         self._cond = threading.Condition()
 
+    @contextmanager
     def hold(self, nbytes: int):
-        gate = self
-
-        class _Held:
-            def __enter__(self):
-                with gate._cond:
-                    gate._cond.wait_for(lambda: gate.used == 0 or gate.used + nbytes <= gate.budget)
-                    gate.used += nbytes
-
-            def __exit__(self, *exc):
-                with gate._cond:
-                    gate.used -= nbytes
-                    gate._cond.notify_all()
-        return _Held()
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.budget)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
