@@ -1,8 +1,9 @@
 """A headless ComfyUI server for the tests (COMFYUI_PATH): start, POST /prompt, wait, read /history and images.
 
 ``running_server`` starts ``main.py --cpu`` on a free loopback port with a temporary base directory whose
-custom_nodes/ links this pack, and always stops it. Shared by tests/test_comfyui_server.py (SD1.5, the
-example workflows) and tests/test_comfyui_families.py (SD2.x, SDXL).
+custom_nodes/ links this pack, and always stops it; ``small_workflow`` reads an example workflow patched to
+the tiny test checkpoints. Shared by tests/test_comfyui_server.py (SD1.5, the example workflows),
+tests/test_comfyui_families.py (SD2.x, SDXL) and tests/test_comfyui_faults.py.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 PACK_DIR = "ComfyUI-FidelityQuant"
+# What the server tests run the example workflows with: the tiny checkpoints sample 64x64 in 3 steps.
+STEPS, SIZE = 3, 64
+CALIBRATION_PROMPTS = "a red house on a hill\na blue boat on a lake"
 
 
 def comfy_path() -> Path:
@@ -159,3 +163,20 @@ def node_id(graph: dict, class_type: str, title: str | None = None) -> str:
 def succeeded(entry: dict, srv: Server) -> None:
     errors = messages(entry, "execution_error")
     assert entry["status"]["status_str"] == "success", (errors and errors[0]["exception_message"]) or srv.log_tail()
+
+
+def small_workflow(stem: str, ckpt_name: str) -> dict:
+    """workflows/<stem>_api.json on checkpoint ``ckpt_name``: 64x64, 3 steps, 2 calibration prompts, 2 groups."""
+    graph = json.loads((WORKFLOWS / f"{stem}_api.json").read_text())
+    for node in graph.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = ckpt_name
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=SIZE, height=SIZE)
+        elif kind == "KSampler":
+            inputs["steps"] = STEPS
+        elif kind == "FidelityQuantCalibrate":
+            inputs.update(prompts=CALIBRATION_PROMPTS, steps=STEPS, width=SIZE, height=SIZE, timestep_groups=2,
+                          memory_limit_mb=64)
+    return graph

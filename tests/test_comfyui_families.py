@@ -13,7 +13,6 @@ and 1.8 GB (SDXL), each written in 6-16 s here.
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -23,15 +22,13 @@ import torch
 
 import comfy_checkpoints as checkpoints
 from comfyui_env import import_comfyui
-from comfyui_server import WORKFLOWS, comfy_path, messages, node_id, running_server, succeeded
+from comfyui_server import SIZE, comfy_path, messages, node_id, running_server, small_workflow, succeeded
 
 FAMILIES = ("sd2", "sdxl")
 CHECKPOINT = {"sd2": "tiny_sd2.safetensors", "sdxl": "tiny_sdxl.safetensors"}
 WORKFLOW = {"sd2": "1_calibrate_and_compare", "sdxl": "4_sdxl_calibrate_and_compare"}
 REPORT_LINE = {"sd2": ("sd2 ldm UNet", "ComfyUI model: SD20 (SD2.x), v_prediction prediction"),
                "sdxl": ("sdxl ldm UNet", "ComfyUI model: Segmind_Vega (SDXL family), eps prediction")}
-STEPS, SIZE = 3, 64
-CALIBRATION_PROMPTS = "a red house on a hill\na blue boat on a lake"
 # Compare Images' mean PSNR, quantized vs float (8-bit 64x64), W8A8, 2 prompts, 3 euler steps, measured on
 # ComfyUI 0.8.0: SD2 35.53 dB, SDXL 23.73 dB (with the LoRA: 33.91 / 24.46 dB); the float image against its
 # own mirror image (unrelated content, same statistics): SD2 25.00 dB (a low-contrast image, std 25/255),
@@ -63,20 +60,8 @@ def server(tmp_path_factory):
 
 
 def _graph(family: str, stem: str | None = None) -> dict:
-    """An example workflow in API format on the family's checkpoint: 64x64, 3 steps, 2 calibration prompts."""
-    graph = json.loads((WORKFLOWS / f"{stem or WORKFLOW[family]}_api.json").read_text())
-    for node in graph.values():
-        inputs, kind = node["inputs"], node["class_type"]
-        if kind == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = CHECKPOINT[family]
-        elif kind == "EmptyLatentImage":
-            inputs.update(width=SIZE, height=SIZE)
-        elif kind == "KSampler":
-            inputs["steps"] = STEPS
-        elif kind == "FidelityQuantCalibrate":
-            inputs.update(prompts=CALIBRATION_PROMPTS, steps=STEPS, width=SIZE, height=SIZE, timestep_groups=2,
-                          memory_limit_mb=64)
-    return graph
+    """An example workflow in API format on the family's checkpoint (``small_workflow``: 64x64, 3 steps)."""
+    return small_workflow(stem or WORKFLOW[family], CHECKPOINT[family])
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:

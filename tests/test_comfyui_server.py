@@ -22,15 +22,14 @@ import torch
 
 import comfy_checkpoints as checkpoints
 from comfyui_env import import_comfyui
-from comfyui_server import PACK_DIR, REPO, WORKFLOWS, comfy_path, comfyui_version, messages, node_id, running_server, succeeded
+from comfyui_server import (PACK_DIR, REPO, SIZE, WORKFLOWS, comfy_path, comfyui_version, messages, node_id,
+                            running_server, small_workflow, succeeded)
 
 # The harness moved to tests/comfyui_server.py; these names stay for modules that import them from here
 # (tests/test_comfyui_faults.py).
 _comfy_path, _running_server, _messages, _node_id, _succeeded = comfy_path, running_server, messages, node_id, succeeded
 
 NODE_IDS = ("FidelityQuantCalibrate", "FidelityQuantSave", "FidelityQuantLoad", "FidelityQuantCompare")
-STEPS, SIZE = 3, 64
-CALIBRATION_PROMPTS = "a red house on a hill\na blue boat on a lake"
 # The quantized image must stay this close to the float one (Compare Images' mean PSNR, 8-bit 64x64).
 # Measured with W8A8, 2 calibration prompts, 3 euler steps on this random-weight model: 26.2 dB (SSIM
 # 0.83); the float image against its own mirror image (same statistics, unrelated content) gives 17.1 dB.
@@ -91,20 +90,8 @@ def server(tmp_path_factory):
 
 
 def _api(stem: str) -> dict:
-    """An API-format example workflow, patched to the tiny model: 64x64, 3 steps, 2 calibration prompts."""
-    graph = json.loads((WORKFLOWS / f"{stem}_api.json").read_text())
-    for node in graph.values():
-        inputs, kind = node["inputs"], node["class_type"]
-        if kind == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = "tiny_sd15.safetensors"
-        elif kind == "EmptyLatentImage":
-            inputs.update(width=SIZE, height=SIZE)
-        elif kind == "KSampler":
-            inputs["steps"] = STEPS
-        elif kind == "FidelityQuantCalibrate":
-            inputs.update(prompts=CALIBRATION_PROMPTS, steps=STEPS, width=SIZE, height=SIZE, timestep_groups=2,
-                          memory_limit_mb=64)
-    return graph
+    """An API-format example workflow on the tiny SD1.5 checkpoint (``small_workflow``: 64x64, 3 steps)."""
+    return small_workflow(stem, "tiny_sd15.safetensors")
 
 
 # --- tests -------------------------------------------------------------------------------------------------
